@@ -1,0 +1,114 @@
+"""Shared fixtures: a session-wide local Ray cluster, the real data folder, tiny file writers."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("RAYSD_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole test session (2 CPUs, no dashboard)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data folder {SHARED_DATA} is absent (set RAYSD_SHARED_DATA to point at it)")
+    return SHARED_DATA
+
+
+def shared_file(name: str) -> Path:
+    p = SHARED_DATA / name
+    if not p.is_file():
+        pytest.skip(f"real data file {p} is absent")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# Writers of small files in the real on-disk formats
+
+
+def write_cifar10_layout(root: Path, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
+                         test_y: np.ndarray, names: list[str], batches: int = 5) -> Path:
+    """torchvision's cifar-10-batches-py: pickled dicts with 'data' (N, 3072) CHW rows."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def dump(fn: str, obj: dict) -> None:
+        with open(folder / fn, "wb") as f:
+            pickle.dump(obj, f, protocol=2)
+
+    def rows(x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2).reshape(len(x), -1), dtype=np.uint8)
+
+    for i, (xs, ys) in enumerate(zip(np.array_split(train_x, batches), np.array_split(train_y, batches)), 1):
+        dump(f"data_batch_{i}", {b"batch_label": b"training batch", b"labels": [int(v) for v in ys],
+                                 b"data": rows(xs), b"filenames": [b"x.png"] * len(ys)})
+    dump("test_batch", {b"batch_label": b"testing batch", b"labels": [int(v) for v in test_y],
+                        b"data": rows(test_x), b"filenames": [b"x.png"] * len(test_y)})
+    dump("batches.meta", {b"label_names": [n.encode() for n in names], b"num_cases_per_batch": 10000,
+                          b"num_vis": 3072})
+    return folder
+
+
+def write_cifar100_layout(root: Path, train_x, train_y, test_x, test_y, names) -> Path:
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def rows(x):
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2).reshape(len(x), -1), dtype=np.uint8)
+
+    for fn, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
+        with open(folder / fn, "wb") as f:
+            pickle.dump({b"fine_labels": [int(v) for v in y], b"coarse_labels": [0] * len(y), b"data": rows(x)}, f,
+                        protocol=2)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({b"fine_label_names": [n.encode() for n in names], b"coarse_label_names": [b"c"]}, f, protocol=2)
+    return folder
+
+
+def random_images(n: int, size: int = 8, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def balanced_labels(n: int, classes: int) -> np.ndarray:
+    return (np.arange(n) % classes).astype(np.int64)
+
+
+def write_medmnist_npz(path: Path, n=(30, 10, 10), classes: int = 3, size: int = 28, **replace) -> Path:
+    arrays = {}
+    for i, split in enumerate(("train", "val", "test")):
+        arrays[f"{split}_images"] = random_images(n[i], size, seed=i)
+        arrays[f"{split}_labels"] = balanced_labels(n[i], classes).reshape(-1, 1).astype(np.uint8)
+    arrays.update(replace)
+    arrays = {k: v for k, v in arrays.items() if v is not None}
+    np.savez_compressed(path, **arrays)
+    return path
+
+
+def write_image_folder(root: Path, classes=("cat", "dog", "eel"), per_class: int = 10, size: int = 12) -> Path:
+    from PIL import Image
+
+    for ci, c in enumerate(classes):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            arr = np.full((size, size, 3), ci * 80 + i, np.uint8)
+            Image.fromarray(arr).save(root / c / f"{i:03d}.png")
+    return root

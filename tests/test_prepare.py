@@ -1,0 +1,57 @@
+"""The prepare stage on a real local Ray cluster: real files in, canonical Parquet out."""
+
+import numpy as np
+import pytest
+
+from conftest import shared_file, write_medmnist_npz
+from raysd import sets, storage
+from raysd.errors import RaysdError
+from raysd.prepare import prepare_dataset
+
+pytestmark = pytest.mark.ray
+
+
+def test_real_retinamnist(tmp_path, ray_session):
+    data_dir = str(shared_file("retinamnist.npz").parent)
+    out = str(tmp_path / "retina")
+    metas = prepare_dataset("retinamnist", out, data_dir=data_dir, download=False)
+    assert {s: m["num_rows"] for s, m in metas.items()} == {"train": 1080, "val": 120, "test": 400}
+    assert metas["train"]["counts_per_class"] == [486, 128, 206, 194, 66]
+    test = sets.read_set(storage.join(out, "test"))
+    raw = np.load(shared_file("retinamnist.npz"))
+    np.testing.assert_array_equal(test.images, raw["test_images"])
+    np.testing.assert_array_equal(test.labels, raw["test_labels"].ravel())
+    assert test.meta["provenance"]["sources"]["retinamnist.npz"].startswith("2549")  # README's sha256
+
+
+def test_rerun_is_idempotent_and_other_content_refused(tmp_path, ray_session):
+    p = write_medmnist_npz(tmp_path / "a.npz")
+    out = str(tmp_path / "out")
+    first = prepare_dataset(f"npz:{p}", out)
+    files = sorted((tmp_path / "out" / "train").iterdir())
+    again = prepare_dataset(f"npz:{p}", out)
+    assert first == again and sorted((tmp_path / "out" / "train").iterdir()) == files
+    q = write_medmnist_npz(tmp_path / "b.npz", n=(31, 10, 10))
+    with pytest.raises(RaysdError, match="already holds a different dataset"):
+        prepare_dataset(f"npz:{q}", out)
+
+
+def test_interrupted_write_is_not_complete_and_is_redone(tmp_path, ray_session):
+    p = write_medmnist_npz(tmp_path / "a.npz")
+    out = tmp_path / "out"
+    # what a crash mid-split leaves: a temporary directory without meta.json
+    (out / f"train{storage.TMP_MARK}prepare").mkdir(parents=True)
+    (out / f"train{storage.TMP_MARK}prepare" / "part-00000-0.parquet").write_bytes(b"half")
+    assert not sets.is_complete(str(out / "train"))
+    prepare_dataset(f"npz:{p}", str(out))
+    assert sets.read_set(str(out / "train")).labels.shape == (30,)
+    assert sorted(x.name for x in out.iterdir()) == ["test", "train", "val"]
+
+
+def test_foreign_directory_is_refused(tmp_path, ray_session):
+    p = write_medmnist_npz(tmp_path / "a.npz")
+    (tmp_path / "out" / "val").mkdir(parents=True)
+    (tmp_path / "out" / "val" / "mine.txt").write_text("user data")
+    with pytest.raises(RaysdError, match="exists but is not a raysd image set"):
+        prepare_dataset(f"npz:{p}", str(tmp_path / "out"))
+    assert (tmp_path / "out" / "val" / "mine.txt").read_text() == "user data"

@@ -1,0 +1,25 @@
+"""Guards on the repository itself: CI runs the README's test line, nothing runs at import."""
+
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_ci_runs_the_readme_test_line():
+    readme = (REPO / "README.md").read_text()
+    assert "<!-- ci:test -->" in readme
+    out = subprocess.run(["awk", '/<!-- ci:test -->/{f=1;next} f&&/^```bash/{g=1;next} g&&/^```/{exit} g{print}',
+                          str(REPO / "README.md")], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == 'pip install -e ".[dev]" && pytest -q'
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "ci:test" in ci and "RAY_AUTH_MODE=disabled" in ci and "RAY_USAGE_STATS_ENABLED=0" in ci
+    assert '"$status" -eq 5' in ci
+
+
+def test_import_is_side_effect_free():
+    code = ("import sys, raysd, raysd.config, raysd.cli, raysd.sets, raysd.datasets, raysd.storage; "
+            "heavy = [m for m in ('ray', 'torch', 'diffusers', 'optuna') if m in sys.modules]; "
+            "import logging; print(heavy, logging.getLogger('raysd').handlers)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[] []", out  # no heavy imports, no log handlers until the CLI sets them
