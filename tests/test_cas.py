@@ -1,0 +1,66 @@
+"""The CAS trainer on real data (digits) and its pause/resume state."""
+
+import numpy as np
+import pytest
+import torch
+
+from raysd.cas import CasTrainer, train_and_evaluate
+from raysd.config import CasConfig
+from raysd.datasets import load_dataset
+from raysd.errors import RaysdError
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits").splits
+
+
+def test_digits_standard_resnet_reaches_90_percent(digits):
+    cfg = CasConfig(variant="standard", max_epochs=12, batch_size=128)
+    seen = []
+    res = train_and_evaluate(digits["train"], digits["val"], digits["test"], 10, cfg=cfg, seed=0, device="cpu",
+                             callback=lambda e, loss, v: seen.append((e, loss, v)) and False)
+    assert res.top1 >= 0.90, res
+    assert res.top5 >= res.top1 and res.epochs_run == len(seen) == 12
+    assert 1 <= res.best_epoch <= 12 and res.best_val_top1 == max(v for _, _, v in seen)
+    assert len(res.per_class_accuracy) == 10 and np.array(res.confusion).sum() == len(digits["test"].labels)
+
+
+def test_callback_can_stop_and_early_stopping_restores_best(digits):
+    cfg = CasConfig(variant="standard", max_epochs=50, batch_size=256, early_stopping_patience=2)
+    small = (digits["train"].images[:200], digits["train"].labels[:200])
+    res = train_and_evaluate(small, digits["val"], digits["test"], 10, cfg=cfg, callback=lambda e, l, v: e >= 3)
+    assert res.epochs_run == 3
+    tr = CasTrainer(small, digits["val"], 10, cfg=cfg, device="cpu")
+    while not tr.done:
+        tr.train_epoch()
+    assert tr.wait == 2 and tr.epoch < 50  # stopped by patience
+
+
+def test_pause_and_resume_equals_uninterrupted(digits):
+    cfg = CasConfig(variant="standard", max_epochs=3, batch_size=64)
+    data = (digits["train"].images[:256], digits["train"].labels[:256])
+    val = (digits["val"].images[:64], digits["val"].labels[:64])
+    a = CasTrainer(data, val, 10, cfg=cfg, seed=5, device="cpu")
+    for _ in range(3):
+        a.train_epoch()
+    b = CasTrainer(data, val, 10, cfg=cfg, seed=5, device="cpu")
+    b.train_epoch()
+    state = b.state_dict()
+    c = CasTrainer(data, val, 10, cfg=cfg, seed=99, device="cpu")  # a fresh process, other seed
+    c.load_state_dict(state)
+    c.train_epoch()
+    c.train_epoch()
+    for (k, x), (_, y) in zip(a.model.state_dict().items(), c.model.state_dict().items()):
+        torch.testing.assert_close(x, y, msg=k)
+    assert [h["val_top1"] for h in a.history] == [h["val_top1"] for h in c.history]
+
+
+def test_bad_cas_inputs(digits):
+    x, y = digits["train"].images[:10], digits["train"].labels[:10]
+    with pytest.raises(RaysdError, match="labels must lie in 0..3"):
+        CasTrainer((x, y), (x, y), 4)
+    with pytest.raises(RaysdError, match="must be uint8"):
+        CasTrainer((x.astype(np.float32), y), (x, y), 10)
+    with pytest.raises(RaysdError, match="10 images and 9 labels"):
+        CasTrainer((x, y[:9]), (x, y), 10)
