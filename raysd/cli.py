@@ -88,6 +88,24 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_encoder(args: argparse.Namespace) -> int:
+    from raysd.training import train
+
+    cfg = config_from_args(args)
+    epochs = train(cfg, "encoder", restart=args.restart)
+    print(f"class-encoder checkpoints: epochs {epochs} in {cfg.run_dir}/checkpoints/encoder")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from raysd.training import train
+
+    cfg = config_from_args(args)
+    epochs = train(cfg, "unet", encoder_epoch=args.encoder_epoch, restart=args.restart)
+    print(f"unet checkpoints: epochs {epochs} in {cfg.run_dir}/checkpoints/unet")
+    return 0
+
+
 def _not_yet(name: str, issue: int) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         raise RaysdError(f"raysd {name}: not implemented yet (planned in issue {issue})")
@@ -114,10 +132,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-download", action="store_true", help="never download; fail if files are absent")
     s.set_defaults(func=cmd_prepare)
 
+    s = sub.add_parser("train-encoder", help="step 1: train the Class-Encoder (Ray Train)",
+                       description="Step 1: train only the Class-Encoder (UNet and VAE frozen); a checkpoint "
+                                   "every epoch in RUN/checkpoints/encoder. Resumes after an interruption.")
+    _add_config_flags(s)
+    s.add_argument("--restart", action="store_true", help="discard existing encoder checkpoints first")
+    s.set_defaults(func=cmd_train_encoder)
+
+    s = sub.add_parser("finetune", help="step 3: fine-tune the UNet (Ray Train)",
+                       description="Step 3: train only the UNet with the Class-Encoder frozen at --encoder-epoch; "
+                                   "a checkpoint every epoch in RUN/checkpoints/unet. Resumes after an interruption.")
+    _add_config_flags(s)
+    s.add_argument("--encoder-epoch", type=int, help="Class-Encoder checkpoint to freeze (default: search 1's "
+                                                     "best, else the last epoch)")
+    s.add_argument("--restart", action="store_true", help="discard existing UNet checkpoints first")
+    s.set_defaults(func=cmd_finetune)
+
     for name, issue, helptext in (
         ("run", 7, "the whole pipeline (default: the offline demo)"),
-        ("train-encoder", 4, "step 1: train the Class-Encoder (Ray Train)"),
-        ("finetune", 4, "step 3: fine-tune the UNet (Ray Train)"),
         ("search", 6, "steps 2/4: search IS, UGS and the checkpoint epoch (Ray Tune)"),
         ("generate", 5, "generate a synthetic dataset (Ray Data)"),
         ("cas", 5, "Classification Accuracy Score of a Parquet set"),

@@ -129,9 +129,12 @@ class ResourcesConfig:
     num_workers: int = 1  # Ray Train workers (data parallel)
     gpus_per_worker: float = 1.0
     cpus_per_worker: float = 1.0
+    torch_threads: int | None = None  # CPU threads per worker/trial; None: its CPU reservation
     gpus_per_trial: float = 1.0  # Ray Tune trial resources; fractional GPUs allowed
     cpus_per_trial: float = 1.0
     generation_actors: int | None = None  # max size of the generation actor pool; None: all GPUs
+    max_failures: int = 3  # Ray Train / Tune retries of a failed worker or trial (from its checkpoint)
+    shared_storage: bool = False  # a local run_dir is on a filesystem every node mounts at that path
 
 
 @dataclass
@@ -210,6 +213,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "scale.scales": [1, 2, 3],
         "scale.shard_size": 256,
         "resources.device": "cpu",
+        "resources.torch_threads": 2,  # the reservation stays 1 CPU so Ray Data keeps one to read with
         "resources.cpus_per_trial": 1.0,
         "resources.gpus_per_trial": 0.0,
         "resources.gpus_per_worker": 0.0,
@@ -514,5 +518,7 @@ def validate(cfg: Config) -> None:
         _check(getattr(r, key) >= 0, f"resources.{key}", getattr(r, key), ">= 0")
     _check(r.generation_actors is None or r.generation_actors >= 1, "resources.generation_actors",
            r.generation_actors, ">= 1 or none")
+    _check(r.torch_threads is None or r.torch_threads >= 1, "resources.torch_threads", r.torch_threads, ">= 1 or none")
+    _check(r.max_failures >= 0, "resources.max_failures", r.max_failures, ">= 0")
     _check(cfg.seed >= 0, "seed", cfg.seed, ">= 0")
     _check(bool(cfg.run_dir.strip()), "run_dir", cfg.run_dir, "a directory path or URI")

@@ -19,10 +19,13 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     kwargs: dict = {"include_dashboard": False, "log_to_driver": True}
     address = os.environ.get("RAY_ADDRESS")
-    if address:
+    if address and address != "local":
         kwargs = {"address": address}
-    elif num_cpus is not None:
-        kwargs["num_cpus"] = num_cpus
+    else:  # RAY_ADDRESS=local: always a fresh in-process cluster; unset: a `ray start` one if running
+        if address == "local":
+            kwargs["address"] = "local"
+        if num_cpus is not None:
+            kwargs["num_cpus"] = num_cpus
     # Ray's DataContext progress bars print on the driver; keep Ray's own INFO lines out.
     ray.init(logging_level=logging.WARNING, **kwargs)
     log.info("ray: %s", {k: v for k, v in ray.cluster_resources().items() if not k.startswith("node:")})

@@ -27,6 +27,43 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture
+def private_ray_env():
+    """Environment for a subprocess that starts its own Ray cluster under a private temp dir,
+    and a function that kills that whole cluster (driver, raylet, workers) with SIGKILL."""
+    import signal
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's unix sockets live under it
+    env = {**os.environ, "RAY_ADDRESS": "local", "RAY_TMPDIR": tmp}
+
+    def kill(proc=None):
+        if proc is not None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        # Ray's workers run in process groups of their own and rename themselves ("ray::..."):
+        # find every process of that cluster by the RAY_TMPDIR it inherited.
+        marker = f"RAY_TMPDIR={tmp}".encode()
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit() or int(pid) == os.getpid():
+                continue
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    if marker in f.read().split(b"\0"):
+                        os.kill(int(pid), signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                pass
+
+    yield env, kill
+    kill()
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
