@@ -26,7 +26,6 @@ from raysd.config import CasConfig
 from raysd.errors import RaysdError
 from raysd.models.resnet import resnet20
 
-Arrays = tuple[np.ndarray, np.ndarray]
 
 
 @dataclass
@@ -46,17 +45,24 @@ class CasResult:
         return asdict(self)
 
 
-def as_arrays(data: Any, where: str) -> Arrays:
-    """(images uint8 NHWC, labels int64) from a tuple, an ImageSet or a datasets.Split."""
+def as_arrays(data: Any, where: str) -> tuple[Any, Any]:
+    """(images uint8 NHWC, labels int64), numpy or torch, from a tuple, an ImageSet or a Split.
+
+    Torch tensors stay where they are (e.g. a set streamed straight onto the GPU)."""
     if isinstance(data, tuple) and len(data) == 2:
         x, y = data
     elif hasattr(data, "images") and hasattr(data, "labels"):
         x, y = data.images, data.labels
     else:
         raise RaysdError(f"cas: {where} must be (images, labels) or an image set; got {type(data).__name__}")
-    x, y = np.asarray(x), np.asarray(y).reshape(-1).astype(np.int64)
-    if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != np.uint8:
-        raise RaysdError(f"cas: {where} images must be uint8 (N, H, W, 3); got {x.dtype} {x.shape}")
+    if torch.is_tensor(x):
+        y = torch.as_tensor(y, device=x.device).reshape(-1).long()
+        ok = x.dtype == torch.uint8
+    else:
+        x, y = np.asarray(x), np.asarray(y).reshape(-1).astype(np.int64)
+        ok = x.dtype == np.uint8
+    if x.ndim != 4 or x.shape[-1] != 3 or not ok:
+        raise RaysdError(f"cas: {where} images must be uint8 (N, H, W, 3); got {x.dtype} {tuple(x.shape)}")
     if len(x) != len(y) or len(x) == 0:
         raise RaysdError(f"cas: {where} has {len(x)} images and {len(y)} labels (must be equal and > 0)")
     return x, y
@@ -77,8 +83,9 @@ class CasTrainer:
         xt, yt = as_arrays(train, "train")
         xv, yv = as_arrays(val, "val")
         for name, y in (("train", yt), ("val", yv)):
-            if y.min() < 0 or y.max() >= num_classes:
-                raise RaysdError(f"cas: {name} labels must lie in 0..{num_classes - 1}; found {y.min()}..{y.max()}")
+            lo, hi = int(y.min()), int(y.max())
+            if lo < 0 or hi >= num_classes:
+                raise RaysdError(f"cas: {name} labels must lie in 0..{num_classes - 1}; found {lo}..{hi}")
         self.x, self.y = self._to_device(xt, yt)
         self.xv, self.yv = self._to_device(xv, yv)
         self.cuda = self.device.type == "cuda"
@@ -98,13 +105,16 @@ class CasTrainer:
         self.best_state: dict[str, torch.Tensor] | None = None
         self.history: list[dict[str, float]] = []
 
-    def _to_device(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        xt = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).contiguous().to(self.device)
-        return xt, torch.from_numpy(y).to(self.device)
+    def _to_device(self, x: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep images NHWC uint8 on the device (a batch is permuted when it is used)."""
+        xt = x if torch.is_tensor(x) else torch.from_numpy(np.ascontiguousarray(x))
+        yt = y if torch.is_tensor(y) else torch.from_numpy(y)
+        return xt.to(self.device), yt.to(self.device)
 
     def _inputs(self, x_uint8: torch.Tensor) -> torch.Tensor:
-        x = x_uint8.float().div_(255.0)
-        return x.contiguous(memory_format=torch.channels_last) if self.cuda else x
+        """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [0, 1]; channels-last (no copy) on CUDA."""
+        x = x_uint8.permute(0, 3, 1, 2).float().div_(255.0)
+        return x if self.cuda else x.contiguous()
 
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda)
@@ -171,7 +181,7 @@ class CasTrainer:
         x, y = self._to_device(xs, ys)
         top1, top5, pred = self.evaluate(x, y)
         conf = np.zeros((self.num_classes, self.num_classes), np.int64)
-        np.add.at(conf, (ys, pred.cpu().numpy()), 1)
+        np.add.at(conf, (y.cpu().numpy(), pred.cpu().numpy()), 1)
         per_class = [float(conf[c, c] / conf[c].sum()) if conf[c].sum() else float("nan") for c in range(self.num_classes)]
         return {"top1": top1, "top5": top5, "per_class_accuracy": per_class, "confusion": conf.tolist()}
 

@@ -106,6 +106,67 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from raysd import runs, sets, storage
+    from raysd.generation import generate_set, resolve_spec
+
+    cfg = config_from_args(args)
+    if args.scale is None and args.num_images is None:
+        raise RaysdError("generate: give --scale K (K times the real training set) or --num-images N")
+    if args.scale is not None and args.scale < 1:
+        raise RaysdError(f"generate: --scale must be >= 1; got {args.scale}")
+    runs.ensure_prepared(cfg)
+    n_real = sets.read_meta(runs.split_dir(cfg, "train"))["num_rows"]
+    n = args.num_images if args.num_images is not None else args.scale * n_real
+    name = args.name or (f"x{args.scale}" if args.scale is not None else f"n{n}")
+    if "/" in name or name.startswith("."):
+        raise RaysdError(f"generate: --name {name!r} must be a plain folder name")
+    spec = resolve_spec(cfg, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                        encoder_epoch=args.encoder_epoch, unet_epoch=args.unet_epoch, scheduler=args.scheduler)
+    out = runs.synthetic_dir(cfg, name)
+    meta = generate_set(cfg, out, num_images=n, class_balance=args.class_balance or cfg.scale.class_balance,
+                        spec=spec, restart=args.restart)
+    print(f"{storage.local_path(out)}: {meta['num_rows']} images, counts per class {meta['counts_per_class']}")
+    return 0
+
+
+def cmd_cas(args: argparse.Namespace) -> int:
+    from raysd import runs, storage
+    from raysd.evaluation import cas_of_set, check_compatible, real_splits_from_dataset, summarize
+
+    cfg = config_from_args(args)
+    if args.run_dir:
+        runs.ensure_prepared(cfg)
+        train_dir = runs.split_dir(cfg, "train") if args.train == "real" else args.train
+        val = test = num_classes = None
+        from raysd import sets
+
+        m = sets.read_meta(runs.split_dir(cfg, "val"))
+        check_compatible(train_dir, m["num_classes"], tuple(m["image_shape"]))
+    else:
+        if args.train == "real":
+            raise RaysdError("cas: --train real needs --run RUN (the run's prepared real data)")
+        val, test, num_classes = real_splits_from_dataset(cfg.dataset.name, cfg.dataset.data_dir, cfg.dataset.download)
+        check_compatible(args.train, num_classes, tuple(val[0].shape[1:]))
+        train_dir = args.train
+    result = summarize(cas_of_set(cfg, train_dir, val=val, test=test, num_classes=num_classes, variant=args.variant))
+    result["dataset"] = cfg.dataset.name
+    result["variant"] = args.variant or cfg.cas.variant
+    text = json.dumps(result, indent=2)
+    if args.out:
+        storage.write_bytes_atomic(args.out, (text + "\n").encode())
+    print(json.dumps({k: v for k, v in result.items() if k not in ("confusion", "per_class_accuracy")}, indent=2))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from raysd.export import export_set
+
+    out = export_set(args.set_dir, args.format, args.out)
+    print(f"{out['out']}: {out['num_rows']} images as {out['format']}")
+    return 0
+
+
 def _not_yet(name: str, issue: int) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         raise RaysdError(f"raysd {name}: not implemented yet (planned in issue {issue})")
@@ -148,11 +209,43 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--restart", action="store_true", help="discard existing UNet checkpoints first")
     s.set_defaults(func=cmd_finetune)
 
+    s = sub.add_parser("generate", help="generate a synthetic dataset (Ray Data)",
+                       description="Generate a synthetic set into RUN/synthetic/NAME with the run's generator "
+                                   "(defaults: search 2's best, else search 1's, else the config). Resumable: "
+                                   "a rerun finishes the missing shards.")
+    _add_config_flags(s)
+    size = s.add_mutually_exclusive_group()
+    size.add_argument("--scale", type=int, help="K times the real training-set size")
+    size.add_argument("--num-images", type=int, help="exactly N images")
+    s.add_argument("--class-balance", choices=["real", "uniform"], help="class distribution (default: real)")
+    s.add_argument("--num-inference-steps", type=int, help="IS")
+    s.add_argument("--guidance-scale", type=float, help="UGS")
+    s.add_argument("--scheduler", choices=["ddim", "dpmpp", "unipc"])
+    s.add_argument("--encoder-epoch", type=int)
+    s.add_argument("--unet-epoch", type=int)
+    s.add_argument("--name", help="output folder under RUN/synthetic (default xK or nN)")
+    s.add_argument("--restart", action="store_true", help="replace a set made with other settings")
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("cas", help="Classification Accuracy Score of a Parquet set",
+                       description="Train ResNet20 on a Parquet image set (streamed through Ray Data) and score it "
+                                   "on the real test split; early stopping on the real val split.")
+    _add_config_flags(s)
+    s.add_argument("--train", required=True, help="the set to train on (a directory), or 'real' with --run")
+    s.add_argument("--variant", choices=["paper", "standard"], help="ResNet20 variant (default: cas.variant)")
+    s.add_argument("--out", help="write the result as JSON here")
+    s.set_defaults(func=cmd_cas)
+
+    s = sub.add_parser("export", help="export a set as ImageFolder PNGs, npz or a Hugging Face Parquet dataset",
+                       description="Export an image set for other tools.")
+    s.add_argument("set_dir", metavar="SET_DIR")
+    s.add_argument("--format", required=True, choices=["imagefolder", "npz", "hf"])
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_export)
+
     for name, issue, helptext in (
         ("run", 7, "the whole pipeline (default: the offline demo)"),
         ("search", 6, "steps 2/4: search IS, UGS and the checkpoint epoch (Ray Tune)"),
-        ("generate", 5, "generate a synthetic dataset (Ray Data)"),
-        ("cas", 5, "Classification Accuracy Score of a Parquet set"),
         ("report", 7, "write report.md and report.html for a run"),
     ):
         s = sub.add_parser(name, help=helptext, description=helptext)

@@ -156,27 +156,33 @@ def sample_latents(base: BaseModel, encoder: ClassEncoder, labels: torch.Tensor,
 
 def generate(base: BaseModel, encoder: ClassEncoder, labels: np.ndarray | torch.Tensor, seeds: list[int] | np.ndarray,
              params: SamplerParams, schedule: NoiseSchedule, *, out_size: int | tuple[int, int],
-             batch_size: int = 256, progress: Callable[[int], None] | None = None) -> np.ndarray:
+             batch_size: int = 256, progress: Callable[[int], None] | None = None,
+             full_size: int | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Images for ``labels``: (N, H, W, 3) uint8 at the classifier's resolution ``out_size``.
 
     Work is split into batches of ``batch_size``; on CUDA out-of-memory the batch is halved
-    and retried (the per-sample seeds make the result independent of the split).
+    and retried (the per-sample seeds make the result independent of the split). With
+    ``full_size``, also returns the same images at that size (e.g. SD's 128 px), decoded once.
     """
-    labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    labels = torch.as_tensor(np.array(labels, dtype=np.int64))  # a copy: Ray hands out read-only arrays
     seeds = np.asarray(seeds, dtype=np.int64)
     if len(labels) != len(seeds):
         raise RaysdError(f"generate: {len(labels)} labels but {len(seeds)} seeds")
     if len(labels) and (labels.min() < 0 or labels.max() >= encoder.num_classes):
         raise RaysdError(f"generate: labels must lie in 0..{encoder.num_classes - 1}")
-    out: list[np.ndarray] = []
+    sizes = [out_size] + ([full_size] if full_size else [])
+    out: list[list[np.ndarray]] = [[] for _ in sizes]
     for lo, hi in _batches(len(labels), batch_size):
-        out.append(_generate_batch(base, encoder, labels[lo:hi], seeds[lo:hi], params, schedule, out_size))
+        for acc, imgs in zip(out, _generate_batch(base, encoder, labels[lo:hi], seeds[lo:hi], params, schedule, sizes)):
+            acc.append(imgs)
         if progress is not None:
             progress(hi - lo)
-    if not out:
-        size = (out_size, out_size) if isinstance(out_size, int) else out_size
-        return np.zeros((0, *size, 3), np.uint8)
-    return np.concatenate(out)
+    result = [np.concatenate(acc) if acc else np.zeros((0, *_pair(sz), 3), np.uint8) for acc, sz in zip(out, sizes)]
+    return (result[0], result[1]) if full_size else result[0]
+
+
+def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else tuple(size)  # type: ignore[return-value]
 
 
 def _batches(n: int, batch_size: int) -> Iterator[tuple[int, int]]:
@@ -184,10 +190,10 @@ def _batches(n: int, batch_size: int) -> Iterator[tuple[int, int]]:
         yield lo, min(n, lo + batch_size)
 
 
-def _generate_batch(base, encoder, labels, seeds, params, schedule, out_size) -> np.ndarray:
+def _generate_batch(base, encoder, labels, seeds, params, schedule, sizes) -> list[np.ndarray]:
     try:
-        lat = sample_latents(base, encoder, labels, seeds, params, schedule)
-        return model_to_uint8(base.decode(lat), out_size).cpu().numpy()
+        x = base.decode(sample_latents(base, encoder, labels, seeds, params, schedule))
+        return [model_to_uint8(x, size).cpu().numpy() for size in sizes]
     except torch.cuda.OutOfMemoryError:
         if len(labels) <= 1:
             raise RaysdError("generate: CUDA out of memory with a batch of 1; use a smaller model or resolution") from None
@@ -195,6 +201,6 @@ def _generate_batch(base, encoder, labels, seeds, params, schedule, out_size) ->
         half = len(labels) // 2
         log.warning("generate: CUDA out of memory at batch %d; splitting into %d + %d (set sampling.batch_size=%d)",
                     len(labels), half, len(labels) - half, half)
-        a = _generate_batch(base, encoder, labels[:half], seeds[:half], params, schedule, out_size)
-        b = _generate_batch(base, encoder, labels[half:], seeds[half:], params, schedule, out_size)
-        return np.concatenate([a, b])
+        a = _generate_batch(base, encoder, labels[:half], seeds[:half], params, schedule, sizes)
+        b = _generate_batch(base, encoder, labels[half:], seeds[half:], params, schedule, sizes)
+        return [np.concatenate([u, v]) for u, v in zip(a, b)]

@@ -49,29 +49,34 @@ class ImageSet:
         return int(self.meta.get("num_classes", len(self.class_names)))
 
 
-def shard_table(sample_ids: np.ndarray, labels: np.ndarray, images: np.ndarray) -> pa.Table:
-    """A Parquet-ready table; ``image`` carries Ray's tensor-extension metadata."""
-    images = np.ascontiguousarray(images, dtype=np.uint8)
-    n, h, w, c = images.shape
-    flat = pa.array(images.reshape(-1), type=pa.uint8())
-    offsets = pa.array(np.arange(n + 1, dtype=np.int64) * (h * w * c), type=pa.int64())
-    image_col = pa.LargeListArray.from_arrays(offsets, flat)
-    image_field = pa.field(
-        "image",
-        pa.large_list(pa.uint8()),
-        metadata={b"ARROW:extension:name": TENSOR_EXT, b"ARROW:extension:metadata": json.dumps([h, w, c]).encode()},
-    )
-    schema = pa.schema([pa.field("sample_id", pa.int64()), pa.field("label", pa.int64()), image_field])
-    return pa.Table.from_arrays(
-        [pa.array(np.asarray(sample_ids, np.int64)), pa.array(np.asarray(labels, np.int64)), image_col],
-        schema=schema,
-    )
+def _tensor_column(name: str, arr: np.ndarray) -> tuple[pa.Field, pa.Array]:
+    """uint8 (N, ...) -> a large_list<uint8> column tagged as Ray's tensor extension."""
+    arr = np.ascontiguousarray(arr, dtype=np.uint8)
+    n, shape = arr.shape[0], list(arr.shape[1:])
+    per = int(np.prod(shape)) if shape else 1
+    offsets = pa.array(np.arange(n + 1, dtype=np.int64) * per, type=pa.int64())
+    col = pa.LargeListArray.from_arrays(offsets, pa.array(arr.reshape(-1), type=pa.uint8()))
+    meta = {b"ARROW:extension:name": TENSOR_EXT, b"ARROW:extension:metadata": json.dumps(shape).encode()}
+    return pa.field(name, pa.large_list(pa.uint8()), metadata=meta), col
 
 
-def write_shard(set_dir: str, name: str, sample_ids: np.ndarray, labels: np.ndarray, images: np.ndarray) -> dict:
+def shard_table(sample_ids: np.ndarray, labels: np.ndarray, images: np.ndarray,
+                extra: dict[str, np.ndarray] | None = None) -> pa.Table:
+    """A Parquet-ready table; ``image`` (and any ``extra`` uint8 tensors) carry Ray's tensor type."""
+    fields = [pa.field("sample_id", pa.int64()), pa.field("label", pa.int64())]
+    cols = [pa.array(np.asarray(sample_ids, np.int64)), pa.array(np.asarray(labels, np.int64))]
+    for name, arr in {"image": images, **(extra or {})}.items():
+        f, c = _tensor_column(name, arr)
+        fields.append(f)
+        cols.append(c)
+    return pa.Table.from_arrays(cols, schema=pa.schema(fields))
+
+
+def write_shard(set_dir: str, name: str, sample_ids: np.ndarray, labels: np.ndarray, images: np.ndarray,
+                extra: dict[str, np.ndarray] | None = None) -> dict:
     """Write one shard atomically; returns its entry for ``meta.json`` (rows, bytes, sha256)."""
     buf = io.BytesIO()
-    pq.write_table(shard_table(sample_ids, labels, images), buf, compression="zstd")
+    pq.write_table(shard_table(sample_ids, labels, images, extra), buf, compression="zstd")
     data = buf.getvalue()
     storage.write_bytes_atomic(storage.join(set_dir, name), data)
     return {"rows": int(len(labels)), "bytes": len(data), "sha256": storage.sha256_bytes(data)}
