@@ -107,8 +107,9 @@ class CasTrainer:
 
     def _to_device(self, x: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Keep images NHWC uint8 on the device (a batch is permuted when it is used)."""
-        xt = x if torch.is_tensor(x) else torch.from_numpy(np.ascontiguousarray(x))
-        yt = y if torch.is_tensor(y) else torch.from_numpy(y)
+        # np.require copies read-only arrays (Ray's object store hands those out)
+        xt = x if torch.is_tensor(x) else torch.from_numpy(np.require(x, requirements=["C", "W"]))
+        yt = y if torch.is_tensor(y) else torch.from_numpy(np.require(y, requirements=["C", "W"]))
         return xt.to(self.device), yt.to(self.device)
 
     def _inputs(self, x_uint8: torch.Tensor) -> torch.Tensor:
@@ -225,3 +226,13 @@ def train_and_evaluate(train: Any, val: Any, test: Any, num_classes: int, *, cfg
     return CasResult(top1=res["top1"], top5=res["top5"], best_epoch=tr.best_epoch, epochs_run=tr.epoch,
                      seconds=time.perf_counter() - t0, best_val_top1=tr.best_val, num_train=len(tr.y),
                      per_class_accuracy=res["per_class_accuracy"], confusion=res["confusion"], history=tr.history)
+
+
+def score_state(state: dict[str, Any], test: Any, num_classes: int, *, cfg: CasConfig | None = None,
+                device: torch.device | str | None = None) -> dict[str, Any]:
+    """Test metrics of a saved :class:`CasTrainer` state (its best-val weights)."""
+    cfg = cfg or CasConfig()
+    xs, ys = as_arrays(test, "test")
+    tr = CasTrainer((xs[:1], ys[:1]), (xs[:1], ys[:1]), num_classes, cfg=cfg, device=device)
+    tr.model.load_state_dict(state["best_state"] if state.get("best_state") is not None else state["model"])
+    return tr.test((xs, ys))

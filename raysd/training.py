@@ -121,7 +121,9 @@ def _check_encoder_epoch(cfg: Config, encoder_epoch: int | None) -> int:
         raise RaysdError(f"finetune: no Class-Encoder checkpoints in {runs.ckpt_root(cfg, 'encoder')}; "
                          "run `raysd train-encoder` first")
     if encoder_epoch is None:
-        return valid[-1]
+        best = storage.join(runs.search_dir(cfg, 1), "best.json")
+        chosen = storage.read_json(best).get("encoder_epoch") if storage.exists(best) else None
+        return chosen if chosen in valid else valid[-1]
     if encoder_epoch not in valid:
         raise RaysdError(f"finetune: --encoder-epoch {encoder_epoch} has no valid checkpoint; available: {valid}")
     return encoder_epoch

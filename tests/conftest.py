@@ -149,3 +149,33 @@ def write_image_folder(root: Path, classes=("cat", "dog", "eel"), per_class: int
             arr = np.full((size, size, 3), ci * 80 + i, np.uint8)
             Image.fromarray(arr).save(root / c / f"{i:03d}.png")
     return root
+
+
+def make_tiny_run(root: Path, encoder_epochs: int = 1, **overrides):
+    """A prepared run (4-class toy npz, tiny model) with randomly initialised Class-Encoder
+    checkpoints for epochs 1..encoder_epochs: enough for generation and search, no training."""
+    import torch
+
+    from raysd import checkpoints as ck
+    from raysd import runs
+    from raysd.config import load_config
+    from raysd.models import ClassEncoder
+
+    npz = write_medmnist_npz(root / "toy.npz", n=(40, 12, 12), classes=4, size=8)
+    cfg = load_config("demo", overrides={
+        "run_dir": str(root / "run"), "dataset.name": f"npz:{npz}", "model.base_model": "tiny",
+        "model.pretrain_steps": 0, "model.resolution": 16, "sampling.num_inference_steps": 3,
+        "sampling.batch_size": 8, "scale.shard_size": 10, "resources.torch_threads": 1,
+        "resources.generation_actors": 2, **overrides})
+    runs.save_run_config(cfg)
+    runs.ensure_prepared(cfg)
+    for epoch in range(1, encoder_epochs + 1):
+        with torch.random.fork_rng():
+            torch.manual_seed(4 + epoch)
+            enc = ClassEncoder(4, cfg.model.seq_len, 32, cfg.model.hidden_dim)
+        meta = {"kind": "encoder", "epoch": epoch, "loss": 0.0, "config_hash": "test", "module": "class_encoder",
+                "class_encoder": {"num_classes": 4, "seq_len": cfg.model.seq_len, "dim": 32,
+                                  "hidden_dim": cfg.model.hidden_dim, "null_class": False}}
+        ck.write_checkpoint(ck.epoch_dir(runs.ckpt_root(cfg, "encoder"), epoch), model_state=enc.state_dict(),
+                            meta=meta)
+    return cfg

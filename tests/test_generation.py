@@ -10,39 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, write_medmnist_npz
-from raysd import checkpoints as ck
+from conftest import REPO, make_tiny_run
 from raysd import runs, sets
-from raysd.config import load_config
 from raysd.errors import RaysdError
 from raysd.export import class_folder, export_set
 from raysd.generation import generate_set, plan_for, resolve_spec
 from raysd.generator import generate_images
-from raysd.models import ClassEncoder
 
 pytestmark = pytest.mark.ray
 
 N = 37  # 4 shards of 10: the last one short
-
-
-def make_tiny_run(root: Path):
-    """A prepared run with a (randomly initialised) Class-Encoder checkpoint at epoch 1."""
-    npz = write_medmnist_npz(root / "toy.npz", n=(40, 12, 12), classes=4, size=8)
-    cfg = load_config("demo", overrides={
-        "run_dir": str(root / "run"), "dataset.name": f"npz:{npz}", "model.base_model": "tiny",
-        "model.pretrain_steps": 0, "model.resolution": 16, "sampling.num_inference_steps": 3,
-        "sampling.batch_size": 8, "scale.shard_size": 10, "resources.torch_threads": 1,
-        "resources.generation_actors": 2})
-    runs.save_run_config(cfg)
-    runs.ensure_prepared(cfg)
-    with torch.random.fork_rng():
-        torch.manual_seed(5)
-        enc = ClassEncoder(4, cfg.model.seq_len, 32, cfg.model.hidden_dim)
-    meta = {"kind": "encoder", "epoch": 1, "loss": 0.0, "config_hash": "test", "module": "class_encoder",
-            "class_encoder": {"num_classes": 4, "seq_len": cfg.model.seq_len, "dim": 32,
-                              "hidden_dim": cfg.model.hidden_dim, "null_class": False}}
-    ck.write_checkpoint(ck.epoch_dir(runs.ckpt_root(cfg, "encoder"), 1), model_state=enc.state_dict(), meta=meta)
-    return cfg
 
 
 @pytest.fixture(scope="module")

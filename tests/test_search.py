@@ -1,0 +1,128 @@
+"""Ray Tune searches on a real local cluster with the tiny model (CPU)."""
+
+import csv
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_tiny_run
+from raysd import checkpoints as ck
+from raysd import runs, storage
+from raysd.config import load_config
+from raysd.search import search, trial_context
+
+pytestmark = pytest.mark.ray
+
+SEARCH = {"cas.max_epochs": 3, "cas.batch_size": 16, "cas.variant": "standard", "search.num_images": 24,
+          "search.num_trials": 5, "search.reduction_factor": 3, "search.min_inference_steps": 1,
+          "search.max_inference_steps": 4, "search.max_guidance_scale": 4.0, "search.max_concurrent_trials": 1,  # resource-wise; HyperBand may keep more alive
+          "resources.cpus_per_trial": 1.0}
+
+
+@pytest.fixture(scope="module")
+def run_cfg(tmp_path_factory, ray_session):
+    return make_tiny_run(tmp_path_factory.mktemp("search"), encoder_epochs=2, **SEARCH)
+
+
+def _trials(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def with_overrides(cfg, **over):
+    from raysd.config import flatten
+
+    d = {k: v for k, v in flatten(cfg.to_dict()).items() if k != "preset"}
+    d.update(over)
+    return load_config(cfg.preset, overrides=d)
+
+
+def test_hyperband_phase_1(run_cfg):
+    best = search(run_cfg, 1)
+    out = Path(runs.search_dir(run_cfg, 1))
+    rows = _trials(out / "trials.csv")
+    assert len(rows) == 5 and len({r["trial_id"] for r in rows}) == 5
+    assert all(r["best_cas"] not in ("", "None") for r in rows)  # the rebuilt study has a value per trial
+    assert sum(r["status"] == "stopped early" for r in rows) >= 1  # HyperBand pruned
+    assert best["cas"] == pytest.approx(max(float(r["best_cas"]) for r in rows))
+    assert 1 <= best["num_inference_steps"] <= 4 and 0 <= best["guidance_scale"] <= 4 and best["epoch"] in (1, 2)
+    assert best["eval_split"] == "val" and 0 <= best["test_top1"] <= 1 and best["encoder_epoch"] == best["epoch"]
+    imp = json.loads((out / "importance.json").read_text())
+    assert set(imp["importances"]) == {"num_inference_steps", "guidance_scale", "epoch"}
+    assert sum(imp["importances"].values()) == pytest.approx(1.0)
+    assert (out / "optimization_history.png").stat().st_size > 1000 and (out / "importance.png").exists()
+    assert (out / "optuna.db").exists()
+    again = search(run_cfg, 1)  # complete: returned, not rerun
+    assert again == best
+
+
+def test_asha_and_the_test_objective(tmp_path, ray_session):
+    # 64 images and 4 epochs: enough for the trials' CAS values to differ (ASHA cannot cut ties)
+    cfg = make_tiny_run(tmp_path, encoder_epochs=2, **{**SEARCH, "search.scheduler": "asha", "search.num_trials": 6,
+                                                       "search.objective": "test", "search.grace_period": 1,
+                                                       "search.num_images": 64, "cas.max_epochs": 4,
+                                                       "search.max_guidance_scale": 8.0})
+    best = search(cfg, 1)
+    rows = _trials(Path(runs.search_dir(cfg, 1)) / "trials.csv")
+    assert len(rows) == 6 and sum(r["status"] == "stopped early" for r in rows) >= 1
+    # the paper's objective: early stopping and the reported CAS use the test split
+    assert best["eval_split"] == "test" and best["cas"] == pytest.approx(best["test_top1"])
+    ctx = trial_context(cfg, 1, {}, "cpu")
+    assert ctx["eval_split"] == "test" and len(ctx["eval_labels"]) == 12
+
+
+def test_val_objective_gives_trials_the_val_split_only(run_cfg):
+    from raysd import sets
+
+    ctx = trial_context(run_cfg, 1, {}, "cpu")
+    val = sets.read_set(runs.split_dir(run_cfg, "val"))
+    assert ctx["eval_split"] == "val" and (ctx["eval_images"] == val.images).all()
+    assert not any(k.startswith("test") for k in ctx)
+
+
+def test_phase_2_bounds_come_from_phase_1(run_cfg):
+    best1 = search(run_cfg, 1)
+    from raysd.models.diffusion import build_tiny
+
+    unet = build_tiny("tiny", 16, seed=run_cfg.seed).unet.state_dict()
+    for epoch in (1, 2, 3):  # stand-in fine-tuned UNets, made with phase 1's encoder epoch
+        state = {k: v + 1e-3 * epoch if v.is_floating_point() else v for k, v in unet.items()}
+        ck.write_checkpoint(ck.epoch_dir(runs.ckpt_root(run_cfg, "unet"), epoch), model_state=state,
+                            meta={"kind": "unet", "epoch": epoch, "loss": 0.0,
+                                  "encoder_epoch": best1["encoder_epoch"]})
+    best2 = search(run_cfg, 2)
+    sp = best2["space"]
+    assert sp["max_inference_steps"] == best1["num_inference_steps"]
+    assert sp["max_guidance_scale"] == pytest.approx(2 * best1["guidance_scale"]) and sp["max_epoch"] == 3
+    assert best2["num_inference_steps"] <= best1["num_inference_steps"]
+    assert best2["guidance_scale"] <= 2 * best1["guidance_scale"] + 1e-9
+    assert best2["encoder_epoch"] == best1["encoder_epoch"] and best2["unet_epoch"] == best2["epoch"]
+
+
+def test_killed_search_restores_with_exactly_the_planned_trials(tmp_path, ray_session, private_ray_env):
+    env, kill_cluster = private_ray_env
+    cfg = make_tiny_run(tmp_path, encoder_epochs=2, **{**SEARCH, "search.num_trials": 5})
+    cmd = [sys.executable, "-m", "raysd", "search", "--run", cfg.run_dir, "--phase", "1"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    finished = 0
+    deadline = time.time() + 300
+    for line in proc.stdout:  # wait for two finished trials, then kill everything
+        finished += "[raysd] trial " in line
+        if finished >= 2 or time.time() > deadline:
+            break
+    kill_cluster(proc)
+    assert finished >= 2
+    tune_dir = Path(runs.search_dir(cfg, 1)) / "tune"
+    assert not (Path(runs.search_dir(cfg, 1)) / "best.json").exists()
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming the interrupted search" in r.stderr
+    rows = _trials(Path(runs.search_dir(cfg, 1)) / "trials.csv")
+    assert len(rows) == 5 and len({r["trial_id"] for r in rows}) == 5
+    assert len([p for p in tune_dir.iterdir() if p.is_dir() and p.name.startswith("search_trial")]) == 5
