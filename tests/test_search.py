@@ -8,11 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import make_tiny_run
 from raysd import checkpoints as ck
-from raysd import runs, storage
+from raysd import runs
 from raysd.config import load_config
 from raysd.search import search, trial_context
 
