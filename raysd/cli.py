@@ -10,7 +10,7 @@ import argparse
 import json
 import logging
 import sys
-from typing import Any, Callable
+from typing import Any
 
 from raysd.errors import RaysdError, find_raysd_error
 
@@ -29,6 +29,8 @@ def _setup_logging(verbose: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     root.propagate = False
+    if not verbose:  # Ray Data's per-dataset INFO lines drown ours; its progress bars stay
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,19 +176,38 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from raysd import pipeline, storage
+
+    if args.run_dir is None:
+        preset = args.preset or "demo"
+        args.run_dir = f"runs/{preset}-{(args.dataset or ('digits' if preset == 'demo' else 'cifar10')).replace(':', '_')}"
+    if args.resume and not storage.exists(storage.join(args.run_dir, "manifest.json")):
+        raise RaysdError(f"run: --resume given but {args.run_dir} holds no run (no manifest.json)")
+    cfg = config_from_args(args)
+    results = pipeline.run(cfg, until=args.until)
+    if results:
+        sc = results["scaling"]
+        line = ", ".join(f"{k} {100 * v['top1']:.1f}%" for k, v in sc.items())
+        print(f"CAS top-1 on the real test split: {line}")
+        print(f"report: {storage.join(cfg.run_dir, 'report.html')}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from raysd.report import write_report
+
+    out = write_report(args.run_path)
+    print(out["report_html"])
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from raysd.export import export_set
 
     out = export_set(args.set_dir, args.format, args.out)
     print(f"{out['out']}: {out['num_rows']} images as {out['format']}")
     return 0
-
-
-def _not_yet(name: str, issue: int) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        raise RaysdError(f"raysd {name}: not implemented yet (planned in issue {issue})")
-
-    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -271,13 +292,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_export)
 
-    for name, issue, helptext in (
-        ("run", 7, "the whole pipeline (default: the offline demo)"),
-        ("report", 7, "write report.md and report.html for a run"),
-    ):
-        s = sub.add_parser(name, help=helptext, description=helptext)
-        _add_config_flags(s, run_flag="--out" if name == "run" else "--run")
-        s.set_defaults(func=_not_yet(name, issue))
+    s = sub.add_parser("run", help="the whole pipeline (default: the offline demo)",
+                       description="Run the whole method: prepare, train the Class-Encoder, search, fine-tune the "
+                                   "UNet, search again, generate x1..xK, score everything, write the report. A rerun "
+                                   "continues after the last complete stage; changed settings redo only the stages "
+                                   "that depend on them. With no arguments: the offline demo (digits, tiny model, CPU).")
+    _add_config_flags(s, run_flag="--out")
+    s.add_argument("--resume", action="store_true", help="require an existing run in --out and continue it")
+    from raysd.runs import PIPELINE_STAGES
+
+    s.add_argument("--until", choices=PIPELINE_STAGES, help="stop after this stage")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("report", help="write report.md and report.html for a run",
+                       description="Write RUN/report.md and a self-contained RUN/report.html from results.json.")
+    s.add_argument("run_path", metavar="RUN_DIR")
+    s.set_defaults(func=cmd_report)
     return p
 
 

@@ -27,7 +27,7 @@ from raysd.errors import RaysdError
 class DatasetConfig:
     """Which real dataset: a registered name, ``npz:PATH`` or ``folder:PATH``."""
 
-    name: str = "cifar10"
+    name: str = "cifar10"  # registered name (cifar10, cifar100, pathmnist, dermamnist, bloodmnist, retinamnist, digits), npz:PATH or folder:PATH
     data_dir: str | None = None  # where the raw files live (torchvision / medmnist layout)
     download: bool = True  # fetch through torchvision / medmnist when absent (needs internet)
 
@@ -38,41 +38,41 @@ class ModelConfig:
 
     # A diffusers hub id, a local diffusers directory (unet/, vae/, scheduler/), or "tiny" /
     # "tiny-vae" for the built-in random-init test models.
-    base_model: str = "stabilityai/stable-diffusion-2-base"
+    base_model: str = "stabilityai/stable-diffusion-2-base"  # hub id or local diffusers directory; tiny / tiny-vae / random:sd2-base / random:sd-v1 build random models offline
     seq_len: int = 77  # L, the context length the Class-Encoder emits (SD2: 77; released code: 100)
     resolution: int = 128  # px fed to SD: 32/28 px images upsampled to this (16x16 latents)
     hidden_dim: int = 500  # Class-Encoder's hidden width (paper: 500)
     null_class: bool = False  # learned null class + label dropout (CFG training, not in the paper)
     label_dropout: float = 0.1  # probability of the null class while training, when null_class
     # Noise schedule of the DDPM objective (SD's): scaled_linear betas over 1000 steps.
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
-    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085  # scaled_linear noise schedule start
+    beta_end: float = 0.012  # scaled_linear noise schedule end
+    num_train_timesteps: int = 1000  # diffusion training timesteps T
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     # Offline demo only: unconditional pretraining of a tiny base, standing in for SD's.
-    pretrain_steps: int = 0
-    pretrain_batch_size: int = 64
-    pretrain_lr: float = 1e-3
+    pretrain_steps: int = 0  # unconditional pretraining steps of a randomly initialised base (demo only; 0 = use the weights as loaded)
+    pretrain_batch_size: int = 64  # batch of that pretraining
+    pretrain_lr: float = 1e-3  # learning rate of that pretraining
 
 
 @dataclass
 class TrainStepConfig:
     """Step 1 (Class-Encoder) or step 3 (UNet fine-tuning): AdamW + cosine decay per step."""
 
-    epochs: int = 50
-    global_batch_size: int = 64
-    lr: float = 1e-4
+    epochs: int = 50  # epochs; one checkpoint per epoch, all kept for the searches
+    global_batch_size: int = 64  # images per optimizer step, split across workers
+    lr: float = 1e-4  # peak learning rate, cosine-decayed to 0 per step
     weight_decay: float = 4e-3  # decoupled (AdamW)
     grad_clip_norm: float = 10.0  # global norm
-    max_steps_per_epoch: int | None = None  # cap for demos and tests; None = the whole split
-    checkpoint_dtype: Literal["fp32", "bf16"] = "fp32"
+    steps_per_epoch: int | None = None  # None: one pass over the train split; N: exactly N steps (data cycled)
+    checkpoint_dtype: Literal["fp32", "bf16"] = "fp32"  # dtype of the saved weights (bf16 halves a UNet checkpoint)
 
 
 @dataclass
 class SamplingConfig:
     """Defaults of the guided sampler (the searches override IS and UGS)."""
 
-    scheduler: Literal["ddim", "dpmpp", "unipc"] = "ddim"
+    scheduler: Literal["ddim", "dpmpp", "unipc"] = "ddim"  # ddim (eta 0, the released code), DPM-Solver++ or UniPC
     num_inference_steps: int = 50  # IS; for ddim the released code's spacing (IS=31 -> 32 steps)
     guidance_scale: float = 7.5  # UGS
     batch_size: int = 256  # images per sampler call; split further on CPU memory limits
@@ -82,31 +82,32 @@ class SamplingConfig:
 class CasConfig:
     """ResNet20 CAS protocol of the paper's released code."""
 
-    variant: Literal["paper", "standard"] = "paper"
-    max_epochs: int = 100
-    batch_size: int = 256
-    lr: float = 1e-3
+    variant: Literal["paper", "standard"] = "paper"  # paper: the released code's wide ResNet20 (4.29 M params); standard: He et al.'s (0.27 M)
+    max_epochs: int = 100  # epoch limit (also the search schedulers' max_t)
+    batch_size: int = 256  # training batch
+    min_steps_per_epoch: int = 0  # > 0: smaller batches for small sets (batch <= N / this); 0: batch_size always
+    lr: float = 1e-3  # Adam learning rate
     eps: float = 1e-7  # Keras' Adam epsilon
-    label_smoothing: float = 0.1
-    plateau_factor: float = 0.1
-    plateau_patience: int = 10
-    min_lr: float = 1e-5
-    early_stopping_patience: int = 25
-    eval_batch_size: int = 1024
+    label_smoothing: float = 0.1  # cross-entropy label smoothing
+    plateau_factor: float = 0.1  # ReduceLROnPlateau factor (on val loss)
+    plateau_patience: int = 10  # ReduceLROnPlateau patience, epochs
+    min_lr: float = 1e-5  # ReduceLROnPlateau floor
+    early_stopping_patience: int = 25  # epochs without val improvement before stopping (best weights restored)
+    eval_batch_size: int = 1024  # batch for val/test evaluation
 
 
 @dataclass
 class SearchConfig:
     """Steps 2 and 4: TPE + Hyperband over IS, UGS and the checkpoint epoch."""
 
-    num_trials: int = 50
+    num_trials: int = 50  # trials per search phase
     num_images: int = 4000  # generated per trial, class-balanced
-    scheduler: Literal["hyperband", "asha"] = "hyperband"
+    scheduler: Literal["hyperband", "asha"] = "hyperband"  # trial scheduler; time unit = classifier epoch
     objective: Literal["val", "test"] = "val"  # "test" reproduces the paper (leaks the test set)
-    min_inference_steps: int = 5
-    max_inference_steps: int = 50
-    max_guidance_scale: float = 7.5
-    reduction_factor: int = 3
+    min_inference_steps: int = 5  # lower bound of IS (inclusive)
+    max_inference_steps: int = 50  # upper bound of IS in phase 1 (phase 2: IS*)
+    max_guidance_scale: float = 7.5  # upper bound of UGS in phase 1 (phase 2: 2 UGS*)
+    reduction_factor: int = 3  # HyperBand/ASHA eta
     grace_period: int = 1  # ASHA: epochs before a trial may be stopped
     max_concurrent_trials: int | None = None  # None: as many as the resources allow
 
@@ -115,8 +116,8 @@ class SearchConfig:
 class ScaleConfig:
     """Step 5: datasets of k times the real training-set size."""
 
-    scales: list[int] = field(default_factory=lambda: list(range(1, 11)))
-    class_balance: Literal["real", "uniform"] = "real"
+    scales: list[int] = field(default_factory=lambda: list(range(1, 11)))  # k of the x1..xK datasets; the largest is generated, the others are stratified prefixes
+    class_balance: Literal["real", "uniform"] = "real"  # per-class counts: the real train split's proportions or uniform
     shard_size: int = 1024  # sample_ids per Parquet shard (the unit of resumption)
     keep_full_resolution: bool = False  # also store the 128 px images
 
@@ -125,13 +126,13 @@ class ScaleConfig:
 class ResourcesConfig:
     """Where work runs. ``device="auto"`` uses CUDA when the cluster has GPUs."""
 
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when the cluster has GPUs
     num_workers: int = 1  # Ray Train workers (data parallel)
-    gpus_per_worker: float = 1.0
-    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # GPUs per Ray Train worker
+    cpus_per_worker: float = 1.0  # CPUs per Ray Train worker
     torch_threads: int | None = None  # CPU threads per worker/trial; None: its CPU reservation
     gpus_per_trial: float = 1.0  # Ray Tune trial resources; fractional GPUs allowed
-    cpus_per_trial: float = 1.0
+    cpus_per_trial: float = 1.0  # CPUs per Ray Tune trial
     generation_actors: int | None = None  # max size of the generation actor pool; None: all GPUs
     max_failures: int = 3  # Ray Train / Tune retries of a failed worker or trial (from its checkpoint)
     shared_storage: bool = False  # a local run_dir is on a filesystem every node mounts at that path
@@ -141,9 +142,9 @@ class ResourcesConfig:
 class Config:
     """The whole run. Build with :func:`load_config`, not by hand."""
 
-    preset: Literal["demo", "paper", "official"] = "paper"
-    seed: int = 0
-    run_dir: str = "runs/raysd"
+    preset: Literal["demo", "paper", "official"] = "paper"  # the preset these values started from
+    seed: int = 0  # run seed: data order, per-sample generation seeds, classifier init, searches
+    run_dir: str = "runs/raysd"  # run directory: local path or URI (s3://, gs://) shared by all nodes
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     encoder: TrainStepConfig = field(default_factory=TrainStepConfig)  # step 1
@@ -186,37 +187,40 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model.base_model": "tiny",
         "model.seq_len": 4,
         "model.resolution": 16,
-        "model.hidden_dim": 64,
-        "model.pretrain_steps": 250,
+        "model.null_class": True,  # CFG training: measured +5-10 points of CAS on this tiny model
+        "model.label_dropout": 0.1,
+        "model.pretrain_steps": 240,
         "model.pretrain_batch_size": 64,
         "model.pretrain_lr": 2e-3,
         "encoder.epochs": 2,
         "encoder.global_batch_size": 64,
-        "encoder.lr": 3e-3,
-        "encoder.max_steps_per_epoch": 50,
-        "finetune.epochs": 3,
+        "encoder.lr": 1e-2,
+        "encoder.steps_per_epoch": 32,
+        "finetune.epochs": 5,
         "finetune.global_batch_size": 64,
-        "finetune.lr": 1e-3,
-        "finetune.max_steps_per_epoch": 150,
+        "finetune.lr": 2e-3,
+        "finetune.steps_per_epoch": 48,
         "sampling.num_inference_steps": 10,
         "sampling.guidance_scale": 2.0,
-        "sampling.batch_size": 250,
+        "sampling.batch_size": 512,
         "cas.variant": "standard",
-        "cas.max_epochs": 30,
+        "cas.max_epochs": 8,
         "cas.batch_size": 128,
-        "cas.plateau_patience": 5,
-        "cas.early_stopping_patience": 10,
-        "search.num_trials": 4,
-        "search.num_images": 500,
-        "search.max_inference_steps": 20,
-        "search.max_guidance_scale": 4.0,
+        "cas.min_steps_per_epoch": 10,  # the 300-image search sets train with batches of 30
+        "cas.plateau_patience": 3,
+        "cas.early_stopping_patience": 5,
+        "search.num_trials": 3,
+        "search.num_images": 300,
+        "search.min_inference_steps": 4,
+        "search.max_inference_steps": 6,
+        "search.max_guidance_scale": 3.0,
         "scale.scales": [1, 2, 3],
-        "scale.shard_size": 256,
+        "scale.shard_size": 512,
         "resources.device": "cpu",
-        "resources.torch_threads": 2,  # the reservation stays 1 CPU so Ray Data keeps one to read with
         "resources.cpus_per_trial": 1.0,
         "resources.gpus_per_trial": 0.0,
         "resources.gpus_per_worker": 0.0,
+        "resources.torch_threads": 2,  # one worker uses both cores; its reservation stays 1 CPU for Ray Data
     },
 }
 
@@ -479,8 +483,8 @@ def validate(cfg: Config) -> None:
         _check(t.lr > 0, f"{sec}.lr", t.lr, "> 0")
         _check(t.weight_decay >= 0, f"{sec}.weight_decay", t.weight_decay, ">= 0")
         _check(t.grad_clip_norm > 0, f"{sec}.grad_clip_norm", t.grad_clip_norm, "> 0")
-        _check(t.max_steps_per_epoch is None or t.max_steps_per_epoch >= 1,
-               f"{sec}.max_steps_per_epoch", t.max_steps_per_epoch, ">= 1 or none")
+        _check(t.steps_per_epoch is None or t.steps_per_epoch >= 1,
+               f"{sec}.steps_per_epoch", t.steps_per_epoch, ">= 1 or none")
     s = cfg.sampling
     _check(1 <= s.num_inference_steps <= m.num_train_timesteps, "sampling.num_inference_steps",
            s.num_inference_steps, f"in [1, {m.num_train_timesteps}]")
@@ -489,6 +493,7 @@ def validate(cfg: Config) -> None:
     c = cfg.cas
     _check(c.max_epochs >= 1, "cas.max_epochs", c.max_epochs, ">= 1")
     _check(c.batch_size >= 1, "cas.batch_size", c.batch_size, ">= 1")
+    _check(c.min_steps_per_epoch >= 0, "cas.min_steps_per_epoch", c.min_steps_per_epoch, ">= 0")
     _check(c.lr > 0, "cas.lr", c.lr, "> 0")
     _check(c.eps > 0, "cas.eps", c.eps, "> 0")
     _check(0 <= c.label_smoothing < 1, "cas.label_smoothing", c.label_smoothing, "in [0, 1)")
@@ -522,3 +527,105 @@ def validate(cfg: Config) -> None:
     _check(r.max_failures >= 0, "resources.max_failures", r.max_failures, ">= 0")
     _check(cfg.seed >= 0, "seed", cfg.seed, ">= 0")
     _check(bool(cfg.run_dir.strip()), "run_dir", cfg.run_dir, "a directory path or URI")
+
+
+# --------------------------------------------------------------------------------------------
+# The README's configuration reference, generated from the dataclasses above
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """The trailing ``# comment`` of each field in the class body (its documentation)."""
+    import inspect
+    import re
+
+    out: dict[str, str] = {}
+    pending: str | None = None
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s{4}(\w+): [^#]*?(?:#\s*(.*))?$", line)
+        if m:
+            pending = m.group(1)
+            out[pending] = (m.group(2) or "").strip()
+        elif pending and re.match(r"\s{4}\)", line):
+            pending = None
+    return out
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "none"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, list):
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+    return str(v)
+
+
+def reference_markdown() -> str:
+    """Markdown tables of every key: type, paper default, the presets that change it, meaning."""
+    base = Config()
+    presets = {name: load_config(name) for name in PRESETS if name != "paper"}
+    lines: list[str] = [
+        "Every key can be set with `--set key=value` (repeatable) or a YAML/JSON file given to",
+        "`--config`. Defaults are the `paper` preset; the columns on the right show what the",
+        "other presets change. This section is generated by `python -m raysd.config --readme",
+        "README.md` and a test fails if it drifts from the code.",
+        "",
+    ]
+    top = [f for f in dataclasses.fields(Config) if not dataclasses.is_dataclass(getattr(base, f.name))]
+    sections = [f for f in dataclasses.fields(Config) if dataclasses.is_dataclass(getattr(base, f.name))]
+    groups: list[tuple[str, type, list[str]]] = [("(top level)", Config, [f.name for f in top])]
+    for f in sections:
+        obj = getattr(base, f.name)
+        groups.append((f.name, type(obj), [g.name for g in dataclasses.fields(obj)]))
+    for title, cls, names in groups:
+        doc = " ".join((cls.__doc__ or "").split()) if cls is not Config else "Run-wide settings."
+        header = f"`{title}`" if cls is not Config else title
+        lines += [f"**{header}** — {doc}", ""]
+        lines.append("| key | type | paper | " + " | ".join(presets) + " | meaning |")
+        lines.append("|---|---|---|" + "---|" * len(presets) + "---|")
+        comments = _field_comments(cls)
+        types_ = _field_types(cls)
+        prefix = "" if cls is Config else title + "."
+        for name in names:
+            key = prefix + name
+            default = _get(base, key)
+            cells = []
+            for cfg in presets.values():
+                v = _get(cfg, key)
+                cells.append(f"`{_fmt(v)}`" if v != default else "")
+            meaning = comments.get(name, "").replace("|", "\\|")
+            tname = _type_name(types_[name]).replace("|", "\\|")
+            lines.append(f"| `{key}` | {tname} | `{_fmt(default)}` | " + " | ".join(cells) + f" | {meaning} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _get(cfg: Config, key: str) -> Any:
+    obj: Any = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def write_readme_reference(readme: str | Path) -> bool:
+    """Replace the README's generated section; returns whether it changed."""
+    path = Path(readme)
+    text = path.read_text()
+    start, end = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"
+    if start not in text or end not in text:
+        raise RaysdError(f"{path}: markers {start.strip()} and {end} not found")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    new = head + start + reference_markdown() + end + tail
+    path.write_text(new)
+    return new != text
+
+
+if __name__ == "__main__":  # python -m raysd.config --readme README.md
+    import sys
+
+    if len(sys.argv) == 3 and sys.argv[1] == "--readme":
+        changed = write_readme_reference(sys.argv[2])
+        print(f"{sys.argv[2]}: configuration reference {'updated' if changed else 'already current'}")
+    else:
+        print(reference_markdown())

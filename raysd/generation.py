@@ -57,9 +57,12 @@ def best_params(cfg: Config) -> dict[str, Any]:
 
 def resolve_spec(cfg: Config, *, num_inference_steps: int | None = None, guidance_scale: float | None = None,
                  encoder_epoch: int | None = None, unet_epoch: int | None = None, scheduler: str | None = None,
-                 use_unet: bool | None = None) -> GeneratorSpec:
-    """The generator for this run: checkpoints and sampler settings, validated."""
-    best = best_params(cfg)
+                 use_unet: bool | None = None, best: dict[str, Any] | None = None) -> GeneratorSpec:
+    """The generator for this run: checkpoints and sampler settings, validated.
+
+    Unset values come from ``best`` (default: the run's newest search result), then the config.
+    """
+    best = best_params(cfg) if best is None else best
     enc_root, unet_root = runs.ckpt_root(cfg, "encoder"), runs.ckpt_root(cfg, "unet")
     enc_valid = ck.valid_epochs(enc_root)
     if not enc_valid:

@@ -24,7 +24,7 @@ def resize_bilinear(x: torch.Tensor, size: int | tuple[int, int]) -> torch.Tenso
 
 def uint8_to_model(images: torch.Tensor | np.ndarray, resolution: int, device: torch.device | str | None = None) -> torch.Tensor:
     """(N, H, W, 3) uint8 -> (N, 3, R, R) float32 in [-1, 1] at the model's resolution."""
-    x = torch.as_tensor(images)
+    x = images if torch.is_tensor(images) else torch.from_numpy(np.require(images, requirements=["C", "W"]))
     if device is not None:
         x = x.to(device, non_blocking=True)
     x = x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)

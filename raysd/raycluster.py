@@ -26,9 +26,22 @@ def ensure_ray(num_cpus: int | None = None) -> None:
             kwargs["address"] = "local"
         if num_cpus is not None:
             kwargs["num_cpus"] = num_cpus
+        # Without a dashboard (it would cost a process and memory here) Ray Train's placement
+        # group cleaner cannot reach the State API and warns about it every second; in a cluster
+        # that lives and dies with this driver there is nothing for it to clean up.
+        kwargs["runtime_env"] = {"worker_process_setup_hook": "raysd.raycluster.quiet_worker_logs"}
     # Ray's DataContext progress bars print on the driver; keep Ray's own INFO lines out.
     ray.init(logging_level=logging.WARNING, **kwargs)
     log.info("ray: %s", {k: v for k, v in ray.cluster_resources().items() if not k.startswith("node:")})
+
+
+def quiet_worker_logs() -> None:
+    """Worker setup hook of the in-process cluster (see ``ensure_ray``): raysd prints a line per
+    epoch and trial itself, so Ray Train's per-report INFO lines are left out."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    for name in ("ray.train.v2._internal.execution.storage", "ray.train.v2._internal.execution.context",
+                 "ray.train._internal.storage"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def cluster_gpus() -> float:

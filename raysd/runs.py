@@ -20,6 +20,10 @@ from raysd import storage
 from raysd.config import Config
 from raysd.errors import RaysdError
 
+# The pipeline's stages in order (raysd.pipeline defines them; listed here so the CLI needs no torch)
+PIPELINE_STAGES = ("prepare", "pretrain", "train_encoder", "after_1", "search_1", "finetune", "after_3", "search_2",
+                   "generate", "scaling", "report")
+
 
 def data_dir(cfg: Config) -> str:
     return storage.join(cfg.run_dir, "data")

@@ -143,8 +143,10 @@ def sample_latents(base: BaseModel, encoder: ClassEncoder, labels: torch.Tensor,
     else:
         context = torch.cat([uncond, cond])
     sched = make_scheduler(params.scheduler, schedule, params.num_inference_steps)
+    fmt = (torch.channels_last if base.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+           and not base.unet.conv_in.weight.is_contiguous() else torch.contiguous_format)
     for i, t in enumerate(sched.timesteps):
-        inp = x if context.shape[0] == n else torch.cat([x, x])
+        inp = (x if context.shape[0] == n else torch.cat([x, x])).contiguous(memory_format=fmt)
         tt = torch.full((inp.shape[0],), t, device=device, dtype=torch.long)
         eps = base.unet(inp.to(dtype), tt, encoder_hidden_states=context).sample.float()
         if eps.shape[0] != n:

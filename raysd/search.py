@@ -125,6 +125,9 @@ def _fit(cfg: Config, phase: int, space: SearchSpace, fixed: dict[str, Any], out
     device = runs.resolve_device(cfg)
     ctx = trial_context(cfg, phase, fixed, device)
     r = cfg.resources
+    running = min(max_concurrent(cfg, device), cfg.search.num_trials)
+    # trials that share a small CPU machine get one thread per reserved CPU; a lone trial may use more
+    ctx["threads"] = max(1, int(r.cpus_per_trial)) if running > 1 else (r.torch_threads or max(1, int(r.cpus_per_trial)))
     resources = {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial if device == "cuda" else 0}
     trainable = tune.with_resources(tune.with_parameters(search_trial, ctx=ctx), resources)
     fs, exp_parent = storage.filesystem(out)
@@ -236,7 +239,7 @@ def search_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     cfg = load_config(ctx["cfg"]["preset"], overrides={k: v for k, v in flatten(ctx["cfg"]).items() if k != "preset"})
     device = "cuda" if ctx["device"] == "cuda" and ray.get_gpu_ids() else "cpu"
     if device == "cpu":
-        torch.set_num_threads(cfg.resources.torch_threads or max(1, int(cfg.resources.cpus_per_trial)))
+        torch.set_num_threads(ctx["threads"])
     params = {k: config[k] for k in PARAMS}
     restored = None
     ckpt = tune.get_checkpoint()

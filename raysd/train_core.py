@@ -56,8 +56,8 @@ def derive_seed(*parts: int | str) -> int:
 
 
 def steps_per_epoch(n: int, cfg: TrainStepConfig) -> int:
-    steps = max(1, n // cfg.global_batch_size)
-    return min(steps, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else steps
+    """One pass over the data (full batches), unless the config sets a step count."""
+    return cfg.steps_per_epoch or max(1, n // cfg.global_batch_size)
 
 
 def cosine_factor(total_steps: int) -> Callable[[int], float]:
@@ -176,9 +176,8 @@ class DiffusionTrainer:
         losses = []
         images = 0
         for s in range(self.steps_per_epoch):
-            batch = order[(s * b) % len(order):][:b]
-            if len(batch) < b:  # max_steps_per_epoch beyond one pass: wrap around
-                batch = torch.cat([batch, order[: b - len(batch)]])
+            idx_range = torch.arange(s * b, (s + 1) * b) % len(order)  # steps beyond one pass cycle the data
+            batch = order[idx_range]
             idx = batch[self.rank :: self.world].to(self.device)
             losses.append(self.train_step(idx, g))
             images += len(idx)

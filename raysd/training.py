@@ -31,6 +31,7 @@ from raysd.raycluster import ensure_ray
 log = logging.getLogger("raysd")
 
 KINDS = ("pretrain", "encoder", "unet")
+PRETRAIN_STEPS_PER_EPOCH = 60  # a checkpoint every 60 steps of demo pretraining
 
 
 # --------------------------------------------------------------------------------------------
@@ -44,9 +45,9 @@ def step_config(cfg: Config, kind: str, num_train: int) -> TrainStepConfig:
     if kind == "unet":
         return cfg.finetune
     m = cfg.model
-    per_epoch = max(1, num_train // m.pretrain_batch_size)
+    per_epoch = min(PRETRAIN_STEPS_PER_EPOCH, m.pretrain_steps)
     return TrainStepConfig(epochs=max(1, math.ceil(m.pretrain_steps / per_epoch)), global_batch_size=m.pretrain_batch_size,
-                           lr=m.pretrain_lr, weight_decay=0.0, grad_clip_norm=1.0)
+                           lr=m.pretrain_lr, weight_decay=0.0, grad_clip_norm=1.0, steps_per_epoch=per_epoch)
 
 
 def train(cfg: Config, kind: str, *, encoder_epoch: int | None = None, restart: bool = False) -> list[int]:
@@ -236,6 +237,9 @@ def _fit(cfg: Config, kind: str, spec: str, cache: str, root: str, chash: str, s
     device = runs.resolve_device(cfg)
     r = cfg.resources
     use_gpu = device == "cuda"
+    ctx = ray.data.DataContext.get_current()
+    bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False  # a dataset keeps the context it was made in
+    cached = ray.data.read_parquet(_files_cache(cache)).materialize()
     resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if use_gpu else {})}
     fs, ckpt_parent = storage.filesystem(storage.join(cfg.run_dir, "checkpoints"))
     loop_config = {"cfg": cfg.to_dict(), "kind": kind, "spec": spec, "root": root, "config_hash": chash,
@@ -252,11 +256,14 @@ def _fit(cfg: Config, kind: str, spec: str, cache: str, root: str, chash: str, s
         ),
         # Materialised before the workers take their CPUs: reading then needs no further tasks,
         # so workers that hold every CPU of a small machine cannot starve their own input.
-        datasets={"train": ray.data.read_parquet(_files_cache(cache)).materialize()},
+        datasets={"train": cached},
         dataset_config=DataConfig(datasets_to_split=[]),  # every worker reads the whole cache
     )
     log.info("%s: training %d epoch(s) on %d %s worker(s) -> %s", kind, step_cfg.epochs, r.num_workers, device, root)
-    trainer.fit()
+    try:
+        trainer.fit()
+    finally:
+        ctx.enable_progress_bars = bars
 
 
 def _files_cache(cache: str) -> list[str]:

@@ -27,8 +27,8 @@ def npz(tmp_path_factory):
 def tiny_overrides(run_dir, npz, **extra):
     base = {
         "run_dir": str(run_dir), "dataset.name": f"npz:{npz}", "model.base_model": "tiny", "model.pretrain_steps": 0,
-        "model.resolution": 16, "encoder.epochs": 2, "encoder.max_steps_per_epoch": 3, "encoder.global_batch_size": 8,
-        "finetune.epochs": 2, "finetune.max_steps_per_epoch": 3, "finetune.global_batch_size": 8,
+        "model.resolution": 16, "encoder.epochs": 2, "encoder.steps_per_epoch": 3, "encoder.global_batch_size": 8,
+        "finetune.epochs": 2, "finetune.steps_per_epoch": 3, "finetune.global_batch_size": 8,
         "resources.num_workers": 2, "resources.torch_threads": 1,
     }
     base.update(extra)
@@ -66,7 +66,7 @@ def test_both_steps_two_workers_change_only_their_module(tmp_path, npz, ray_sess
 
 
 def test_loss_goes_down_on_a_learnable_set(tmp_path, npz, ray_session):
-    cfg = tiny_cfg(tmp_path / "run", npz, **{"finetune.epochs": 4, "finetune.max_steps_per_epoch": 6,
+    cfg = tiny_cfg(tmp_path / "run", npz, **{"finetune.epochs": 4, "finetune.steps_per_epoch": 6,
                                              "finetune.lr": 2e-3, "encoder.epochs": 1, "resources.num_workers": 1})
     train(cfg, "encoder")
     train(cfg, "unet")
@@ -103,7 +103,7 @@ def test_corrupt_checkpoint_is_refused_and_ignored(tmp_path, npz, ray_session):
 
 def _cli(run_dir, npz, *extra):
     sets = [f"--set={k}={v}" for k, v in tiny_overrides(run_dir, npz, **{
-        "encoder.epochs": 3, "encoder.max_steps_per_epoch": 40, "resources.num_workers": 1}).items()
+        "encoder.epochs": 3, "encoder.steps_per_epoch": 40, "resources.num_workers": 1}).items()
         if k != "run_dir"]
     return [sys.executable, "-m", "raysd", "train-encoder", "--preset", "demo", "--run", str(run_dir), *sets, *extra]
 

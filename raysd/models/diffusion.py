@@ -201,14 +201,18 @@ def load_base_model(spec: str, *, resolution: int, dtype: torch.dtype = torch.fl
 
 def _load_diffusers(spec: str, resolution: int, dtype: torch.dtype) -> BaseModel:
     from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.utils import is_accelerate_available
 
     is_dir = os.path.isdir(spec)
+    lean = {"low_cpu_mem_usage": is_accelerate_available()}  # without accelerate: no warning per load
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
     try:
-        unet = UNet2DConditionModel.from_pretrained(spec, subfolder="unet", torch_dtype=dtype, local_files_only=offline)
+        unet = UNet2DConditionModel.from_pretrained(spec, subfolder="unet", torch_dtype=dtype, local_files_only=offline,
+                                                    **lean)
         vae = None
         if not is_dir or (Path(spec) / "vae" / "config.json").is_file():
-            vae = AutoencoderKL.from_pretrained(spec, subfolder="vae", torch_dtype=dtype, local_files_only=offline)
+            vae = AutoencoderKL.from_pretrained(spec, subfolder="vae", torch_dtype=dtype, local_files_only=offline,
+                                                **lean)
     except Exception as e:  # OSError / EnvironmentError / hub HTTP and connection errors
         if is_dir:
             raise RaysdError(f"base model {spec}: cannot load the diffusers weights ({type(e).__name__}: "

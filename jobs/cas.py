@@ -1,0 +1,11 @@
+"""`ray job submit` entrypoint for `raysd cas` (it forwards its arguments; see jobs/README.md).
+
+    ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/cas.py --help
+"""
+
+import sys
+
+from raysd.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["cas", *sys.argv[1:]]))
