@@ -92,8 +92,10 @@ def read_meta(directory: str) -> dict[str, Any]:
         meta = storage.read_json(path)
     except (ValueError, UnicodeDecodeError):
         raise RaysdError(f"checkpoint {directory}: {CKPT_JSON} is damaged (not valid JSON)") from None
-    if not isinstance(meta, dict) or "files" not in meta or "epoch" not in meta:
+    if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict) or "epoch" not in meta:
         raise RaysdError(f"checkpoint {directory}: {CKPT_JSON} is not a raysd checkpoint description")
+    for name in [*meta["files"], *(meta.get("resume_files") or {})]:
+        storage.check_member_name(name, f"checkpoint {directory}: {CKPT_JSON}")
     return meta
 
 

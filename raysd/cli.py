@@ -34,6 +34,47 @@ def _setup_logging(verbose: bool) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Checked numeric flags: out of range is an argparse error (one line, exit 2), before any work
+
+
+def _int_flag(lo: int, hi: int = 2**63 - 1):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"must lie in {lo}..{hi}; got {v}")
+        return v
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _float_flag(lo: float, hi: float):
+    import math
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(v) or not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"must be a finite number in [{lo:g}, {hi:g}]; got {text}")
+        return v
+
+    parse.__name__ = "number"
+    return parse
+
+
+POSITIVE = _int_flag(1)
+SEED = _int_flag(0, 2**32 - 1)
+STEPS = _int_flag(1, 1000)
+SCALE = _int_flag(1, 1000)
+UGS = _float_flag(0.0, 100.0)
+
+
+# --------------------------------------------------------------------------------------------
 # Config flags shared by the stage commands
 
 
@@ -48,7 +89,7 @@ def _add_config_flags(p: argparse.ArgumentParser, *, run_flag: str = "--run") ->
                                      "digits, npz:PATH or folder:PATH")
     g.add_argument("--data-dir", help="directory holding the raw dataset files")
     g.add_argument("--base-model", help="diffusers hub id, local diffusers directory, or 'tiny'")
-    g.add_argument("--seed", type=int)
+    g.add_argument("--seed", type=SEED)
     g.add_argument(run_flag, dest="run_dir", metavar="RUN_DIR", help="run directory (local path or s3://, gs:// URI)")
 
 
@@ -69,6 +110,15 @@ def config_from_args(args: argparse.Namespace) -> Any:
     preset = args.preset or (saved or {}).get("preset") or "demo"
     cfg = C.load_config(preset, file=args.config, overrides={**C.flatten(_saved_settings(saved, preset)), **overrides})
     return cfg
+
+
+def _require_run(cfg: Any, command: str) -> None:
+    """Commands that continue a run (finetune, generate, search) need one: refuse before any work."""
+    from raysd import storage
+
+    if not storage.exists(storage.join(cfg.run_dir, "config.json")):
+        raise RaysdError(f"{command}: {cfg.run_dir} holds no raysd run (no config.json); start one with "
+                         "`raysd train-encoder --run DIR` or `raysd run --out DIR`")
 
 
 def _saved_settings(saved: dict | None, preset: str) -> dict:
@@ -103,6 +153,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from raysd.training import train
 
     cfg = config_from_args(args)
+    _require_run(cfg, "finetune")
     epochs = train(cfg, "unet", encoder_epoch=args.encoder_epoch, restart=args.restart)
     print(f"unet checkpoints: epochs {epochs} in {cfg.run_dir}/checkpoints/unet")
     return 0
@@ -113,16 +164,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from raysd.generation import generate_set, resolve_spec
 
     cfg = config_from_args(args)
+    _require_run(cfg, "generate")
+    if args.name is not None and (not args.name or "/" in args.name or "\\" in args.name or args.name.startswith(".")):
+        raise RaysdError(f"generate: --name {args.name!r} must be a plain folder name (it goes under RUN/synthetic)")
     if args.scale is None and args.num_images is None:
         raise RaysdError("generate: give --scale K (K times the real training set) or --num-images N")
-    if args.scale is not None and args.scale < 1:
-        raise RaysdError(f"generate: --scale must be >= 1; got {args.scale}")
     runs.ensure_prepared(cfg)
     n_real = sets.read_meta(runs.split_dir(cfg, "train"))["num_rows"]
     n = args.num_images if args.num_images is not None else args.scale * n_real
     name = args.name or (f"x{args.scale}" if args.scale is not None else f"n{n}")
-    if "/" in name or name.startswith("."):
-        raise RaysdError(f"generate: --name {name!r} must be a plain folder name")
     spec = resolve_spec(cfg, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                         encoder_epoch=args.encoder_epoch, unet_epoch=args.unet_epoch, scheduler=args.scheduler)
     out = runs.synthetic_dir(cfg, name)
@@ -169,6 +219,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         if getattr(args, flag) is not None:
             args.set.append(f"{key}={getattr(args, flag)}")
     cfg = config_from_args(args)
+    _require_run(cfg, "search")
     best = search(cfg, args.phase, restart=args.restart)
     print(json.dumps({k: best[k] for k in ("phase", "num_inference_steps", "guidance_scale", "epoch", "encoder_epoch",
                                            "unet_epoch", "cas", "eval_split", "test_top1", "test_top5",
@@ -210,6 +261,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    from raysd.config import reference_markdown
+
+    if args.reference:
+        print(reference_markdown())
+        return 0
+    cfg = config_from_args(args)
+    print(json.dumps(cfg.to_dict(), indent=2))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from raysd.verify import format_report, report_json, verify_run
+
+    rep = verify_run(args.run_path)
+    print(report_json(rep) if args.json else format_report(args.run_path, rep))
+    return 0 if rep.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     from raysd import __version__
 
@@ -240,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Step 3: train only the UNet with the Class-Encoder frozen at --encoder-epoch; "
                                    "a checkpoint every epoch in RUN/checkpoints/unet. Resumes after an interruption.")
     _add_config_flags(s)
-    s.add_argument("--encoder-epoch", type=int, help="Class-Encoder checkpoint to freeze (default: search 1's "
+    s.add_argument("--encoder-epoch", type=POSITIVE, help="Class-Encoder checkpoint to freeze (default: search 1's "
                                                      "best, else the last epoch)")
     s.add_argument("--restart", action="store_true", help="discard existing UNet checkpoints first")
     s.set_defaults(func=cmd_finetune)
@@ -251,14 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "a rerun finishes the missing shards.")
     _add_config_flags(s)
     size = s.add_mutually_exclusive_group()
-    size.add_argument("--scale", type=int, help="K times the real training-set size")
-    size.add_argument("--num-images", type=int, help="exactly N images")
+    size.add_argument("--scale", type=SCALE, help="K times the real training-set size")
+    size.add_argument("--num-images", type=POSITIVE, help="exactly N images")
     s.add_argument("--class-balance", choices=["real", "uniform"], help="class distribution (default: real)")
-    s.add_argument("--num-inference-steps", type=int, help="IS")
-    s.add_argument("--guidance-scale", type=float, help="UGS")
+    s.add_argument("--num-inference-steps", type=STEPS, help="IS")
+    s.add_argument("--guidance-scale", type=UGS, help="UGS")
     s.add_argument("--scheduler", choices=["ddim", "dpmpp", "unipc"])
-    s.add_argument("--encoder-epoch", type=int)
-    s.add_argument("--unet-epoch", type=int)
+    s.add_argument("--encoder-epoch", type=POSITIVE)
+    s.add_argument("--unet-epoch", type=POSITIVE)
     s.add_argument("--name", help="output folder under RUN/synthetic (default xK or nN)")
     s.add_argument("--restart", action="store_true", help="replace a set made with other settings")
     s.set_defaults(func=cmd_generate)
@@ -278,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "fine-tuned UNet epochs within phase 1's bounds. Resumes an interrupted search.")
     _add_config_flags(s)
     s.add_argument("--phase", type=int, choices=[1, 2], required=True)
-    s.add_argument("--num-trials", type=int, help="trials (default: search.num_trials)")
+    s.add_argument("--num-trials", type=POSITIVE, help="trials (default: search.num_trials)")
     s.add_argument("--scheduler", choices=["hyperband", "asha"])
     s.add_argument("--objective", choices=["val", "test"],
                    help="'val' (default) or 'test' (the paper's choice; it leaks the test set into the search)")
@@ -308,6 +378,22 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write RUN/report.md and a self-contained RUN/report.html from results.json.")
     s.add_argument("run_path", metavar="RUN_DIR")
     s.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("config", help="print the resolved configuration (preset, file, flags) as JSON",
+                       description="Resolve the configuration exactly as the other commands would (defaults < "
+                                   "preset < a run's saved config < --config < flags and --set), validate it and "
+                                   "print it as JSON; nothing runs.")
+    _add_config_flags(s, run_flag="--run")
+    s.add_argument("--reference", action="store_true", help="print the reference of every key (Markdown) instead")
+    s.set_defaults(func=cmd_config)
+
+    s = sub.add_parser("verify", help="check every file of a run against its recorded checksum",
+                       description="Check every image set, checkpoint, base model and cached trial image of RUN_DIR "
+                                   "against the SHA-256 recorded beside it; name each damaged file. Exit 1 when "
+                                   "anything is damaged.")
+    s.add_argument("run_path", metavar="RUN_DIR")
+    s.add_argument("--json", action="store_true", help="print the findings as JSON")
+    s.set_defaults(func=cmd_verify)
     return p
 
 
@@ -326,7 +412,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - the one place that turns errors into exit codes
         err = find_raysd_error(e)
         if err is None:
-            raise
+            if logging.getLogger("raysd").isEnabledFor(logging.DEBUG):
+                raise
+            first = " ".join(str(e).split())[:300]
+            print(f"raysd: internal error: {type(e).__name__}: {first} (rerun with -v for the traceback, and "
+                  "please report it)", file=sys.stderr)
+            return 3
         msg = " ".join(str(err).split())  # one line, whatever the message held
         print(f"raysd: error: {msg}", file=sys.stderr)
         return 2

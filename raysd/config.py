@@ -49,6 +49,7 @@ class ModelConfig:
     beta_end: float = 0.012  # scaled_linear noise schedule end
     num_train_timesteps: int = 1000  # diffusion training timesteps T
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    tiny_decoder: str | None = None  # AutoencoderTiny (TAESD) hub id or directory decoding instead of the VAE; CAS effect unmeasured
     # Offline demo only: unconditional pretraining of a tiny base, standing in for SD's.
     pretrain_steps: int = 0  # unconditional pretraining steps of a randomly initialised base (demo only; 0 = use the weights as loaded)
     pretrain_batch_size: int = 64  # batch of that pretraining
@@ -76,6 +77,8 @@ class SamplingConfig:
     num_inference_steps: int = 50  # IS; for ddim the released code's spacing (IS=31 -> 32 steps)
     guidance_scale: float = 7.5  # UGS
     batch_size: int = 256  # images per sampler call; split further on CPU memory limits
+    compile: bool = False  # torch.compile the UNet and VAE decoder (static shapes: batches padded to batch_size)
+    fuse_qkv: bool = False  # fuse the attention Q/K/V projections into one matmul (diffusers)
 
 
 @dataclass
@@ -94,6 +97,7 @@ class CasConfig:
     min_lr: float = 1e-5  # ReduceLROnPlateau floor
     early_stopping_patience: int = 25  # epochs without val improvement before stopping (best weights restored)
     eval_batch_size: int = 1024  # batch for val/test evaluation
+    compile: bool = False  # torch.compile the classifier (worth it on a GPU for the 100-epoch protocol)
 
 
 @dataclass
@@ -196,7 +200,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "encoder.global_batch_size": 64,
         "encoder.lr": 1e-2,
         "encoder.steps_per_epoch": 32,
-        "finetune.epochs": 5,
+        "finetune.epochs": 7,
         "finetune.global_batch_size": 64,
         "finetune.lr": 2e-3,
         "finetune.steps_per_epoch": 48,
@@ -269,7 +273,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise RaysdError(f"config: file {p} does not exist")
-    text = p.read_text()
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise RaysdError(f"config: {p} is not a readable text file ({type(e).__name__})") from None
     try:
         if p.suffix in (".yaml", ".yml"):
             import yaml
@@ -470,8 +477,8 @@ def validate(cfg: Config) -> None:
            "a multiple of 8 in [8, 1024]")
     _check(m.hidden_dim >= 1, "model.hidden_dim", m.hidden_dim, ">= 1")
     _check(0.0 <= m.label_dropout < 1.0, "model.label_dropout", m.label_dropout, "in [0, 1)")
-    _check(0.0 < m.beta_start < m.beta_end < 1.0, "model.beta_start", (m.beta_start, m.beta_end),
-           "0 < beta_start < beta_end < 1")
+    _check(0.0 < m.beta_start < 1.0, "model.beta_start", m.beta_start, "in (0, 1)")
+    _check(m.beta_start < m.beta_end < 1.0, "model.beta_end", m.beta_end, f"in (model.beta_start={m.beta_start:g}, 1)")
     _check(m.num_train_timesteps >= 2, "model.num_train_timesteps", m.num_train_timesteps, ">= 2")
     _check(m.pretrain_steps >= 0, "model.pretrain_steps", m.pretrain_steps, ">= 0")
     _check(m.pretrain_batch_size >= 1, "model.pretrain_batch_size", m.pretrain_batch_size, ">= 1")
@@ -505,9 +512,10 @@ def validate(cfg: Config) -> None:
     q = cfg.search
     _check(q.num_trials >= 1, "search.num_trials", q.num_trials, ">= 1")
     _check(q.num_images >= 1, "search.num_images", q.num_images, ">= 1")
-    _check(1 <= q.min_inference_steps <= q.max_inference_steps <= m.num_train_timesteps,
-           "search.max_inference_steps", (q.min_inference_steps, q.max_inference_steps),
-           f"1 <= min_inference_steps <= max_inference_steps <= {m.num_train_timesteps}")
+    _check(1 <= q.min_inference_steps <= m.num_train_timesteps, "search.min_inference_steps", q.min_inference_steps,
+           f"in 1..model.num_train_timesteps={m.num_train_timesteps}")
+    _check(q.min_inference_steps <= q.max_inference_steps <= m.num_train_timesteps, "search.max_inference_steps",
+           q.max_inference_steps, f"in search.min_inference_steps={q.min_inference_steps}..{m.num_train_timesteps}")
     _check(q.max_guidance_scale >= 0, "search.max_guidance_scale", q.max_guidance_scale, ">= 0")
     _check(q.reduction_factor >= 2, "search.reduction_factor", q.reduction_factor, ">= 2")
     _check(q.grace_period >= 1, "search.grace_period", q.grace_period, ">= 1")

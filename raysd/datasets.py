@@ -128,6 +128,9 @@ def validate(ds: RealDataset) -> RealDataset:
     empty = [ds.class_names[i] for i in np.flatnonzero(counts == 0)]
     if empty:
         raise RaysdError(f"{where}: class(es) {empty} have no training images")
+    single = [ds.class_names[i] for i in np.flatnonzero(counts == 1)]
+    if single:  # nothing to learn a class-conditional distribution from, nor to stratify
+        raise RaysdError(f"{where}: class(es) {single} have a single training image; each class needs at least 2")
     return ds
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import ray
 import ray.data
 
-from raysd import runs, sets, storage
+from raysd import runs, sets
 from raysd.config import CasConfig, Config
 from raysd.errors import RaysdError
 from raysd.raycluster import ensure_ray
@@ -126,7 +126,7 @@ def cas_of_sets(cfg: Config, jobs: list[tuple[str, list[int] | None]], *, val: t
     refs = []
     for set_dir, prefix in jobs:
         meta = sets.read_meta(set_dir)
-        ds = ray.data.read_parquet([storage.join(set_dir, f) for f in sorted(meta["files"])],
+        ds = ray.data.read_parquet(sets.verified_files(set_dir, meta),
                                    columns=["sample_id", "label", "image"]).materialize()
         refs.append(task.remote(ds, meta["num_rows"], tuple(meta["image_shape"]), val_ref, test_ref, num_classes, cas,
                                 cfg.seed, device, prefix, threads))

@@ -94,7 +94,7 @@ def resolve_spec(cfg: Config, *, num_inference_steps: int | None = None, guidanc
         unet_dir=ck.epoch_dir(unet_root, f) if f else None, out_size=(shape[0], shape[1]),
         num_inference_steps=int(steps), guidance_scale=float(ugs), scheduler=scheduler or cfg.sampling.scheduler,
         precision=m.precision, beta_start=m.beta_start, beta_end=m.beta_end, num_train_timesteps=m.num_train_timesteps,
-        seed=cfg.seed)
+        seed=cfg.seed, compile=cfg.sampling.compile, fuse_qkv=cfg.sampling.fuse_qkv, tiny_decoder=m.tiny_decoder)
 
 
 def plan_for(cfg: Config, num_images: int, class_balance: str) -> Plan:
@@ -131,8 +131,8 @@ class ShardGenerator:
         out: dict[str, list] = {"shard": [], "rows": [], "sha256": [], "seconds": [], "node": []}
         for i, lo, labels, seeds in zip(batch["shard"], batch["lo"], batch["labels"], batch["seeds"]):
             t0 = time.perf_counter()
-            maybe_fail("generate_shard")
             images, full = self._images(np.asarray(labels, np.int64), np.asarray(seeds, np.int64))
+            maybe_fail("generate_shard")  # fault tests: the actor dies mid-batch, its images not yet written
             ids = np.arange(int(lo), int(lo) + len(labels), dtype=np.int64)
             info = sets.write_shard(self.out_dir, shard_name(int(i)), ids, np.asarray(labels, np.int64), images,
                                     extra={"image_full": full} if full is not None else None)

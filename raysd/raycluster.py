@@ -39,8 +39,7 @@ def quiet_worker_logs() -> None:
     """Worker setup hook of the in-process cluster (see ``ensure_ray``): raysd prints a line per
     epoch and trial itself, so Ray Train's per-report INFO lines are left out."""
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
-    for name in ("ray.train.v2._internal.execution.storage", "ray.train.v2._internal.execution.context",
-                 "ray.train._internal.storage"):
+    for name in ("ray.train._internal.storage",):  # Tune's function trainables (Train V2: its LoggingConfig)
         logging.getLogger(name).setLevel(logging.WARNING)
 
 

@@ -159,12 +159,14 @@ def sample_latents(base: BaseModel, encoder: ClassEncoder, labels: torch.Tensor,
 def generate(base: BaseModel, encoder: ClassEncoder, labels: np.ndarray | torch.Tensor, seeds: list[int] | np.ndarray,
              params: SamplerParams, schedule: NoiseSchedule, *, out_size: int | tuple[int, int],
              batch_size: int = 256, progress: Callable[[int], None] | None = None,
-             full_size: int | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+             full_size: int | None = None, pad_to: int | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Images for ``labels``: (N, H, W, 3) uint8 at the classifier's resolution ``out_size``.
 
     Work is split into batches of ``batch_size``; on CUDA out-of-memory the batch is halved
     and retried (the per-sample seeds make the result independent of the split). With
     ``full_size``, also returns the same images at that size (e.g. SD's 128 px), decoded once.
+    ``pad_to`` pads a short batch (the last) to that many samples, repeating its last one, and
+    drops the extra images: one shape for a compiled UNet, the other samples unchanged.
     """
     labels = torch.as_tensor(np.array(labels, dtype=np.int64))  # a copy: Ray hands out read-only arrays
     seeds = np.asarray(seeds, dtype=np.int64)
@@ -175,8 +177,13 @@ def generate(base: BaseModel, encoder: ClassEncoder, labels: np.ndarray | torch.
     sizes = [out_size] + ([full_size] if full_size else [])
     out: list[list[np.ndarray]] = [[] for _ in sizes]
     for lo, hi in _batches(len(labels), batch_size):
-        for acc, imgs in zip(out, _generate_batch(base, encoder, labels[lo:hi], seeds[lo:hi], params, schedule, sizes)):
-            acc.append(imgs)
+        lab, sds = labels[lo:hi], seeds[lo:hi]
+        if pad_to and len(lab) < pad_to:
+            extra = pad_to - len(lab)
+            lab = torch.cat([lab, lab[-1:].repeat(extra)])
+            sds = np.concatenate([sds, np.repeat(sds[-1:], extra)])
+        for acc, imgs in zip(out, _generate_batch(base, encoder, lab, sds, params, schedule, sizes)):
+            acc.append(imgs[: hi - lo])
         if progress is not None:
             progress(hi - lo)
     result = [np.concatenate(acc) if acc else np.zeros((0, *_pair(sz), 3), np.uint8) for acc, sz in zip(out, sizes)]

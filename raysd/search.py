@@ -248,7 +248,10 @@ def search_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
             restored = torch.load(os.path.join(d, STATE_FILE), weights_only=True, map_location="cpu")
     miles = set(ctx["milestones"])
 
+    from raysd.faults import maybe_fail
+
     def report(metrics: dict[str, Any], state: dict[str, Any]) -> None:
+        maybe_fail(f"trial_epoch_{metrics['epoch']}")  # fault tests: the trial process dies mid-trial
         if metrics["epoch"] in miles or metrics["finished"]:
             local = ck.local_tmpdir("raysd-trial-")
             torch.save(state, os.path.join(local, STATE_FILE))
@@ -279,15 +282,20 @@ def trial_images(cfg: Config, ctx: dict[str, Any], params: dict[str, Any], devic
     path = storage.join(runs.search_dir(cfg, ctx["phase"]), "images", f"{key}.safetensors")
     info_path = path.replace(".safetensors", ".json")
     if storage.exists(info_path):
-        t = st_load(storage.read_bytes(path))
-        return t["images"].numpy(), t["labels"].numpy(), float(storage.read_json(info_path)["seconds"])
+        info = storage.read_json(info_path)
+        data = storage.read_bytes(path) if storage.exists(path) else b""
+        if storage.sha256_bytes(data) == info.get("sha256"):
+            t = st_load(data)
+            return t["images"].numpy(), t["labels"].numpy(), float(info["seconds"])
+        print(f"[raysd] trial images {path} are damaged or missing: generating them again", flush=True)
     plan = make_plan(n, class_counts(n, ctx["num_classes"], "uniform"), cfg.seed)
     t0 = time.perf_counter()
     images = generate_images(spec, plan.labels, plan.seeds, device, batch_size=cfg.sampling.batch_size)
     seconds = time.perf_counter() - t0
-    storage.write_bytes_atomic(path, st_save({"images": torch.from_numpy(np.ascontiguousarray(images)),
-                                              "labels": torch.from_numpy(plan.labels)}))
-    storage.write_json_atomic(info_path, {"seconds": seconds, "params": params, "num_images": n})
+    data = st_save({"images": torch.from_numpy(np.ascontiguousarray(images)), "labels": torch.from_numpy(plan.labels)})
+    storage.write_bytes_atomic(path, data)
+    storage.write_json_atomic(info_path, {"seconds": seconds, "params": params, "num_images": n,
+                                          "sha256": storage.sha256_bytes(data)})  # last: marks the cache entry
     return images, plan.labels, seconds
 
 

@@ -105,8 +105,10 @@ def read_meta(set_dir: str) -> dict[str, Any]:
         meta = storage.read_json(path)
     except (ValueError, UnicodeDecodeError) as e:
         raise RaysdError(f"image set {set_dir}: {META} is not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != SET_FORMAT or "files" not in meta:
+    if not isinstance(meta, dict) or meta.get("format") != SET_FORMAT or not isinstance(meta.get("files"), dict):
         raise RaysdError(f"image set {set_dir}: {META} is not a raysd set description (format {SET_FORMAT})")
+    for name in meta["files"]:
+        storage.check_member_name(name, f"image set {set_dir}: {META}")
     return meta
 
 
@@ -125,6 +127,25 @@ def read_shard(path: str, expected: dict | None = None) -> pa.Table:
     if expected is not None and table.num_rows != expected.get("rows"):
         raise RaysdError(f"shard {path} has {table.num_rows} rows, {META} says {expected.get('rows')}")
     return table
+
+
+def verified_files(set_dir: str, meta: dict[str, Any] | None = None) -> list[str]:
+    """Paths of the set's shards after checking each against its SHA-256 in ``meta.json``.
+
+    For readers that hand the paths to another reader (Ray Data): nothing damaged is used.
+    """
+    meta = meta if meta is not None else read_meta(set_dir)
+    paths = []
+    for name, info in sorted(meta["files"].items()):
+        storage.check_member_name(name, f"{set_dir}: {META}")
+        path = storage.join(set_dir, name)
+        if not storage.exists(path):
+            raise RaysdError(f"shard {path} is listed in {META} but missing")
+        if storage.sha256_file(path) != info.get("sha256"):
+            raise RaysdError(f"shard {path} is damaged: its SHA-256 does not match {META} (truncated or altered); "
+                             "`raysd verify` lists every damaged file")
+        paths.append(path)
+    return paths
 
 
 def table_to_arrays(table: pa.Table, image_shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -161,6 +161,19 @@ def remove(path: str) -> None:
         fs.delete_file(p)
 
 
+def check_member_name(name: str, where: str, *, nested: bool = False) -> str:
+    """A file name read from a sidecar (meta.json, checkpoint.json) must stay inside its
+    directory: no absolute paths, no '..', no separators unless ``nested`` (then relative)."""
+    parts = name.replace("\\", "/").split("/")
+    bad = (not name or name.startswith("/") or any(p in ("", ".", "..") for p in parts)
+           or (len(parts) > 1 and not nested) or "\x00" in name)
+    if bad:
+        from raysd.errors import RaysdError
+
+        raise RaysdError(f"{where} lists the file name {name!r}, which would leave its directory; refused")
+    return name
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

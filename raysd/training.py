@@ -185,8 +185,7 @@ def ensure_latent_cache(cfg: Config, spec: str) -> str:
 
 
 def _files(set_dir: str) -> list[str]:
-    meta = sets.read_meta(set_dir)
-    return [storage.join(set_dir, f) for f in sorted(meta["files"])]
+    return sets.verified_files(set_dir)
 
 
 def _gpus() -> float:
@@ -253,6 +252,8 @@ def _fit(cfg: Config, kind: str, spec: str, cache: str, root: str, chash: str, s
             checkpoint_config=CheckpointConfig(num_to_keep=1 if kind == "pretrain" else None),
             failure_config=FailureConfig(max_failures=r.max_failures),
             callbacks=[EpochLogger(kind, step_cfg.epochs)],
+            # raysd prints a line per epoch; Ray Train's per-report INFO lines go to its log files only
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
         # Materialised before the workers take their CPUs: reading then needs no further tasks,
         # so workers that hold every CPU of a small machine cannot starve their own input.
@@ -267,8 +268,7 @@ def _fit(cfg: Config, kind: str, spec: str, cache: str, root: str, chash: str, s
 
 
 def _files_cache(cache: str) -> list[str]:
-    meta = storage.read_json(storage.join(cache, sets.META))
-    return [storage.join(cache, f) for f in sorted(meta["files"])]
+    return sets.verified_files(cache, storage.read_json(storage.join(cache, sets.META)))
 
 
 class EpochLogger(UserCallback):
@@ -328,8 +328,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         wrap=ray.train.torch.prepare_model if world > 1 else (lambda m: m), autocast_dtype=autocast,
         pretrain_context=pretrain_ctx, seq_len=cfg.model.seq_len, dim=base.cross_attention_dim)
     start = _resume(trainer, root, config["config_hash"])
+    from raysd.faults import maybe_fail
+
     for epoch in range(start + 1, step_cfg.epochs + 1):
         stats = trainer.run_epoch(epoch)
+        maybe_fail(f"train_epoch_{epoch}")  # fault tests: the worker dies with this epoch trained, not saved
         loss = _mean_across_workers(stats["loss"], world, device)
         metrics = {"epoch": epoch, "loss": loss, "images": stats["images"], "seconds": stats["seconds"],
                    "step": trainer.step}

@@ -13,6 +13,15 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 REPO = Path(__file__).resolve().parents[1]
+NIGHTLY = os.environ.get("RAYSD_NIGHTLY") == "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    """The nightly set (long fault schedules, load) runs with RAYSD_NIGHTLY=1 pytest -m nightly."""
+    skip = pytest.mark.skip(reason="nightly set: RAYSD_NIGHTLY=1 pytest -m nightly")
+    for item in items:
+        if "nightly" in item.keywords and not NIGHTLY:
+            item.add_marker(skip)
 SHARED_DATA = Path(os.environ.get("RAYSD_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 

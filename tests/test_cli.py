@@ -8,7 +8,8 @@ import pytest
 
 from conftest import shared_file
 
-COMMANDS = ["run", "prepare", "train-encoder", "finetune", "search", "generate", "cas", "report"]
+COMMANDS = ["run", "prepare", "train-encoder", "finetune", "search", "generate", "cas", "report", "export", "config",
+            "verify"]
 
 
 def raysd(*args, timeout=300):

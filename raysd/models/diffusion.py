@@ -53,6 +53,7 @@ class BaseModel:
     vae: Any | None  # diffusers.AutoencoderKL, None in pixel space
     resolution: int  # pixel size of the images the model sees
     source: str
+    tiny_decoder: Any | None = None  # diffusers.AutoencoderTiny decoding in place of the VAE (an option)
 
     @property
     def cross_attention_dim(self) -> int:
@@ -109,6 +110,8 @@ class BaseModel:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> images in [-1, 1] (float32)."""
+        if self.tiny_decoder is not None:  # TAESD reads SD's scaled latents as they are
+            return self.tiny_decoder.decode(latents.to(self.tiny_decoder.dtype)).sample.float().clamp(-1, 1)
         if self.vae is None:
             return latents.float()
         return self.vae.decode(latents.to(self.vae.dtype) / self.scaling_factor).sample.float()
@@ -206,6 +209,10 @@ def _load_diffusers(spec: str, resolution: int, dtype: torch.dtype) -> BaseModel
     is_dir = os.path.isdir(spec)
     lean = {"low_cpu_mem_usage": is_accelerate_available()}  # without accelerate: no warning per load
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    if is_dir and (Path(spec) / BASE_META).is_file():  # written by raysd: its checksums are checked first
+        problems = verify_base_dir(spec)
+        if problems:
+            raise RaysdError(f"base model {problems[0]}")
     try:
         unet = UNet2DConditionModel.from_pretrained(spec, subfolder="unet", torch_dtype=dtype, local_files_only=offline,
                                                     **lean)
@@ -229,6 +236,32 @@ def _load_diffusers(spec: str, resolution: int, dtype: torch.dtype) -> BaseModel
     return BaseModel(unet=unet, vae=vae, resolution=resolution, source=spec)
 
 
+def load_tiny_decoder(spec: str, *, latent_channels: int, dtype: torch.dtype = torch.float32,
+                      device: torch.device | str = "cpu", seed: int = 0) -> Any:
+    """An ``AutoencoderTiny`` (TAESD) from a local directory or hub id, or ``random:taesd`` (a
+    randomly initialised one of TAESD's shape, for tests); one clear error when unavailable."""
+    from diffusers import AutoencoderTiny
+
+    if spec == "random:taesd":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            tae = AutoencoderTiny(latent_channels=latent_channels)
+    else:
+        local = Path(spec).expanduser()
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        try:
+            tae = AutoencoderTiny.from_pretrained(str(local) if local.exists() else spec, torch_dtype=dtype,
+                                                  local_files_only=offline)
+        except Exception as e:  # OSError / hub errors
+            raise RaysdError(f"tiny decoder {spec!r} is not available ({type(e).__name__}: {_first_line(e)}); "
+                             "download it where there is internet (`hf download madebyollin/taesd --local-dir DIR`) "
+                             "and set model.tiny_decoder=DIR") from None
+    if tae.config.latent_channels != latent_channels:
+        raise RaysdError(f"tiny decoder {spec}: {tae.config.latent_channels} latent channels, the base model's VAE "
+                         f"has {latent_channels}")
+    return tae.to(device, dtype).eval()
+
+
 def save_base_model(base: BaseModel, directory: str | Path, schedule: NoiseSchedule | None = None,
                     extra: dict[str, Any] | None = None) -> None:
     """A diffusers directory (unet/, vae/, scheduler/) that :func:`load_base_model` reads back."""
@@ -239,7 +272,36 @@ def save_base_model(base: BaseModel, directory: str | Path, schedule: NoiseSched
     sched = (schedule or NoiseSchedule()).diffusers_config()
     (d / "scheduler").mkdir(parents=True, exist_ok=True)
     (d / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": "DDPMScheduler", **sched}, indent=2))
-    (d / BASE_META).write_text(json.dumps({"resolution": base.resolution, "source": base.source, **(extra or {})}, indent=2))
+    files = {str(f.relative_to(d)): _sha256(f) for f in sorted(d.rglob("*")) if f.is_file() and f.name != BASE_META}
+    (d / BASE_META).write_text(json.dumps({"resolution": base.resolution, "source": base.source, **(extra or {}),
+                                           "files": files}, indent=2))
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_base_dir(directory: str | Path) -> list[str]:
+    """Check the files a raysd-written base directory lists; returns the problems found."""
+    d = Path(directory)
+    meta = json.loads((d / BASE_META).read_text())
+    problems = []
+    for rel, sha in (meta.get("files") or {}).items():
+        from raysd.storage import check_member_name
+
+        check_member_name(rel, f"base model {d}: {BASE_META}", nested=True)
+        f = d / rel
+        if not f.is_file():
+            problems.append(f"{f}: missing (listed in {BASE_META})")
+        elif _sha256(f) != sha:
+            problems.append(f"{f}: damaged (SHA-256 does not match {BASE_META})")
+    return problems
 
 
 def _first_line(e: BaseException) -> str:
