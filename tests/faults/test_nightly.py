@@ -36,7 +36,8 @@ def _stage_status(run_dir: Path) -> dict:
 def _deterministic(res: dict) -> dict:
     """What must not depend on where the runs were killed (the searches' trial order may)."""
     return {
-        "keys": sorted(res), "dataset": res["dataset"], "pretrained_base": res.get("pretrained_base"),
+        "keys": sorted(res), "dataset": Path(res["dataset"]).name,  # the two runs live in different folders
+        "pretrained_base": {k: v for k, v in (res.get("pretrained_base") or {}).items() if k != "base"},
         "after_1": res["steps"]["after_1"]["params"], "after_1_cas": res["steps"]["after_1"]["cas"],
         "num_images": {k: v["num_images"] for k, v in res["scaling"].items()},
         "real_cas": res["scaling"]["real"]["top1"],
@@ -45,6 +46,8 @@ def _deterministic(res: dict) -> dict:
 
 def test_driver_killed_at_twelve_seeded_points_then_completes(tmp_path, private_ray_env):
     env, kill_cluster = private_ray_env
+    for d in ("ref", "killed"):
+        (tmp_path / d).mkdir()
     ref_cfg = fast_cfg(tmp_path / "ref")
     r = subprocess.run(_raysd_run(ref_cfg), env=env, capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
