@@ -248,11 +248,14 @@ def load_config(
     *,
     file: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
+    absolute_paths: bool = True,
 ) -> Config:
     """Defaults, then the preset, then a YAML/JSON file, then ``overrides``; validated.
 
     A file may be either nested (``{"encoder": {"epochs": 3}}``) or flat dotted keys; a saved
-    ``config.json`` of a run loads back to an equal Config.
+    ``config.json`` of a run loads back to an equal Config. Local paths (run directory, base
+    model directory, tiny decoder, npz:/folder: datasets, data_dir) are made absolute: Ray's
+    workers do not share the driver's working directory.
     """
     if preset not in PRESETS:
         raise RaysdError(f"config: unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -262,10 +265,38 @@ def load_config(
         data = read_config_file(file)
         if "preset" in data and data["preset"] != preset:
             # A saved config carries its preset: start again from that one.
-            return load_config(data["preset"], file=file, overrides=overrides)
+            return load_config(data["preset"], file=file, overrides=overrides, absolute_paths=absolute_paths)
         apply_overrides(cfg, flatten(data), source=str(file))
     apply_overrides(cfg, overrides or {}, source="overrides")
+    if absolute_paths:
+        absolutize_paths(cfg)
     validate(cfg)
+    return cfg
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def absolutize_paths(cfg: Config) -> Config:
+    """Make the config's local paths absolute (in place); URIs, hub ids and builtins stay."""
+    import os
+
+    def local(p: str) -> str:
+        return p if _is_uri(p) or os.path.isabs(p) else os.path.abspath(os.path.expanduser(p))
+
+    if cfg.run_dir.strip():
+        cfg.run_dir = local(cfg.run_dir)
+    for attr in ("base_model", "tiny_decoder"):
+        v = getattr(cfg.model, attr)
+        if v and not v.startswith(("tiny", "random:")) and not _is_uri(v) and os.path.exists(os.path.expanduser(v)):
+            setattr(cfg.model, attr, local(v))  # a local directory (a hub id is no path here)
+    name = cfg.dataset.name
+    for prefix in ("npz:", "folder:"):
+        if name.startswith(prefix) and name[len(prefix):]:
+            cfg.dataset.name = prefix + local(name[len(prefix):])
+    if cfg.dataset.data_dir:
+        cfg.dataset.data_dir = local(cfg.dataset.data_dir)
     return cfg
 
 
@@ -571,7 +602,7 @@ def _fmt(v: Any) -> str:
 def reference_markdown() -> str:
     """Markdown tables of every key: type, paper default, the presets that change it, meaning."""
     base = Config()
-    presets = {name: load_config(name) for name in PRESETS if name != "paper"}
+    presets = {name: load_config(name, absolute_paths=False) for name in PRESETS if name != "paper"}
     lines: list[str] = [
         "Every key can be set with `--set key=value` (repeatable) or a YAML/JSON file given to",
         "`--config`. Defaults are the `paper` preset; the columns on the right show what the",

@@ -273,7 +273,11 @@ def run(config: Config, *, until: str | None = None) -> dict[str, Any]:
     """
     from raysd.raycluster import ensure_ray
 
-    cfg = config
+    import copy
+
+    from raysd.config import absolutize_paths
+
+    cfg = absolutize_paths(copy.deepcopy(config))  # Ray's workers do not share this working directory
     if until is not None and until not in STAGE_NAMES:
         raise RaysdError(f"run: --until must be one of {STAGE_NAMES}; got {until!r}")
     ensure_ray()

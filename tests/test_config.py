@@ -94,3 +94,18 @@ def test_hash_depends_on_sections():
 def test_every_key_is_listed_for_the_reference():
     keys = {k for k, _, _ in C.all_keys()}
     assert {"encoder.epochs", "model.base_model", "search.objective", "resources.gpus_per_trial"} <= keys
+
+
+def test_local_paths_become_absolute_for_the_workers(tmp_path, monkeypatch):
+    """Ray's workers run elsewhere than the driver's working directory: `raysd run` with the
+    default relative run directory once failed in step 1, loading RUN/base from the wrong place."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sd").mkdir()
+    cfg = C.load_config("demo", overrides={"run_dir": "runs/x", "dataset.name": "npz:data/d.npz",
+                                         "model.base_model": "sd", "dataset.data_dir": "raw"})
+    assert cfg.run_dir == str(tmp_path / "runs" / "x")
+    assert cfg.dataset.name == f"npz:{tmp_path / 'data' / 'd.npz'}" and cfg.dataset.data_dir == str(tmp_path / "raw")
+    assert cfg.model.base_model == str(tmp_path / "sd")
+    hub = C.load_config("paper", overrides={"run_dir": "s3://bucket/run"})
+    assert hub.model.base_model == "stabilityai/stable-diffusion-2-base" and hub.run_dir == "s3://bucket/run"
+    assert C.load_config("demo").model.base_model == "tiny"
