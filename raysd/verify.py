@@ -70,55 +70,57 @@ def _read_json(rep: Report, path: str) -> dict | None:
     return obj
 
 
-def _check_set(rep: Report, set_dir: str) -> None:
-    meta_path = storage.join(set_dir, "meta.json")
+def _sidecar(rep: Report, directory: str, name: str, why_incomplete: str) -> tuple[str, dict] | None:
+    """(path, content) of the sidecar JSON that lists ``directory``'s files; None when it is
+    absent (recorded as incomplete) or unreadable (recorded as damaged)."""
+    meta_path = storage.join(directory, name)
     if not storage.exists(meta_path):
-        rep.incomplete.append(f"{set_dir}: no meta.json (an interrupted write; the command that makes it completes it)")
-        return
+        rep.incomplete.append(f"{directory}: no {name} ({why_incomplete})")
+        return None
     meta = _read_json(rep, meta_path)
-    if meta is None:
+    return None if meta is None else (meta_path, meta)
+
+
+def _check_listed(rep: Report, directory: str, files: dict, meta_path: str, *, nested: bool = False) -> None:
+    """Every file ``files`` lists (name -> SHA-256) against its checksum."""
+    for name, sha in sorted(files.items()):
+        path = _member(rep, directory, name, meta_path, nested=nested)
+        if path:
+            _check_file(rep, path, sha, meta_path)
+
+
+def _check_set(rep: Report, set_dir: str) -> None:
+    found = _sidecar(rep, set_dir, "meta.json", "an interrupted write; the command that makes it completes it")
+    if found is None:
         return
+    meta_path, meta = found
     files = meta.get("files")
     if not isinstance(files, dict):
         rep.damaged.append(f"{meta_path}: lists no files")
         return
-    for name, info in sorted(files.items()):
-        path = _member(rep, set_dir, name, meta_path)
-        if path:
-            _check_file(rep, path, (info or {}).get("sha256") if isinstance(info, dict) else None, meta_path)
+    _check_listed(rep, set_dir, {n: (i or {}).get("sha256") if isinstance(i, dict) else None for n, i in files.items()},
+                  meta_path)
 
 
 def _check_checkpoint(rep: Report, directory: str) -> None:
-    meta_path = storage.join(directory, "checkpoint.json")
-    if not storage.exists(meta_path):
-        rep.incomplete.append(f"{directory}: no checkpoint.json (half written when a run stopped; ignored by raysd)")
+    found = _sidecar(rep, directory, "checkpoint.json", "half written when a run stopped; ignored by raysd")
+    if found is None:
         return
-    meta = _read_json(rep, meta_path)
-    if meta is None:
-        return
+    meta_path, meta = found
     names = {**(meta.get("files") or {}), **(meta.get("resume_files") or {})}
     if not names:
         rep.damaged.append(f"{meta_path}: lists no files")
-    for name, sha in sorted(names.items()):
-        path = _member(rep, directory, name, meta_path)
-        if path:
-            _check_file(rep, path, sha, meta_path)
+    _check_listed(rep, directory, names, meta_path)
 
 
 def _check_base(rep: Report, base: str) -> None:
-    meta_path = storage.join(base, "raysd_base.json")
-    if not storage.exists(meta_path):
-        rep.incomplete.append(f"{base}: no raysd_base.json")
+    found = _sidecar(rep, base, "raysd_base.json", "the pretrain stage writes it last")
+    if found is None:
         return
-    meta = _read_json(rep, meta_path)
-    if meta is None:
-        return
+    meta_path, meta = found
     if not meta.get("files"):
         rep.damaged.append(f"{meta_path}: records no checksums (written by an older raysd; rerun the pretrain stage)")
-    for rel, sha in sorted((meta.get("files") or {}).items()):
-        path = _member(rep, base, rel, meta_path, nested=True)
-        if path:
-            _check_file(rep, path, sha, meta_path)
+    _check_listed(rep, base, meta.get("files") or {}, meta_path, nested=True)
 
 
 def _check_trial_images(rep: Report, images_dir: str) -> None:

@@ -272,34 +272,26 @@ def save_base_model(base: BaseModel, directory: str | Path, schedule: NoiseSched
     sched = (schedule or NoiseSchedule()).diffusers_config()
     (d / "scheduler").mkdir(parents=True, exist_ok=True)
     (d / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": "DDPMScheduler", **sched}, indent=2))
-    files = {str(f.relative_to(d)): _sha256(f) for f in sorted(d.rglob("*")) if f.is_file() and f.name != BASE_META}
+    from raysd.storage import sha256_file
+
+    files = {str(f.relative_to(d)): sha256_file(str(f)) for f in sorted(d.rglob("*")) if f.is_file() and f.name != BASE_META}
     (d / BASE_META).write_text(json.dumps({"resolution": base.resolution, "source": base.source, **(extra or {}),
                                            "files": files}, indent=2))
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def verify_base_dir(directory: str | Path) -> list[str]:
     """Check the files a raysd-written base directory lists; returns the problems found."""
+    from raysd.storage import check_member_name, sha256_file
+
     d = Path(directory)
     meta = json.loads((d / BASE_META).read_text())
     problems = []
     for rel, sha in (meta.get("files") or {}).items():
-        from raysd.storage import check_member_name
-
         check_member_name(rel, f"base model {d}: {BASE_META}", nested=True)
         f = d / rel
         if not f.is_file():
             problems.append(f"{f}: missing (listed in {BASE_META})")
-        elif _sha256(f) != sha:
+        elif sha256_file(str(f)) != sha:
             problems.append(f"{f}: damaged (SHA-256 does not match {BASE_META})")
     return problems
 
