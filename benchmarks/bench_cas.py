@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import table  # noqa: E402
 
-from raysd.cas import CasTrainer  # noqa: E402
+from raysd.core.cas import CasTrainer  # noqa: E402
 from raysd.config import CasConfig  # noqa: E402
 
 

@@ -28,11 +28,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import sync, table, timed  # noqa: E402
 
-from raysd.generator import apply_fast_paths  # noqa: E402
-from raysd.imaging import model_to_uint8  # noqa: E402
-from raysd.models import ClassEncoder  # noqa: E402
-from raysd.models.diffusion import NoiseSchedule, load_base_model  # noqa: E402
-from raysd.sampling import SamplerParams, sample_latents  # noqa: E402
+from raysd.core.generator import apply_fast_paths  # noqa: E402
+from raysd.core.imaging import model_to_uint8  # noqa: E402
+from raysd.core.models import ClassEncoder  # noqa: E402
+from raysd.core.models.diffusion import NoiseSchedule  # noqa: E402
+from raysd.core.sampling import SamplerParams, sample_latents  # noqa: E402
+from raysd.data.models import load_base_model  # noqa: E402
 
 
 def matmul_rate(device: str, dtype: torch.dtype) -> float:

@@ -30,12 +30,14 @@ def main() -> None:
     args = ap.parse_args()
     import ray
 
-    from raysd import checkpoints as ck
-    from raysd import runs
     from raysd.config import load_config
-    from raysd.generation import generate_set, plan_for, resolve_spec
-    from raysd.generator import generate_images
-    from raysd.models import ClassEncoder
+    from raysd.core.models import ClassEncoder
+    from raysd.data import checkpoints as ck
+    from raysd.data.models import load_generator
+    from raysd.run.generators import resolve_spec
+    from raysd.run.rundir import Run
+    from raysd.stages.generate import generate_set
+    from raysd.stages.prepare import ensure_prepared
 
     cuda = torch.cuda.is_available()
     n = args.images or (50_000 if cuda else 512)
@@ -50,23 +52,24 @@ def main() -> None:
         over.update({"resources.torch_threads": torch.get_num_threads(), "resources.generation_actors": 1})
     ray.init(include_dashboard=False, log_to_driver=False)
     cfg = load_config("demo", overrides=over)
-    runs.save_run_config(cfg)
-    runs.ensure_prepared(cfg)
+    run = Run(cfg)
+    run.save_config()
+    ensure_prepared(run)
     dim = 1024 if cuda else 32
     enc = ClassEncoder(10, cfg.model.seq_len, dim, cfg.model.hidden_dim)
-    ck.write_checkpoint(ck.epoch_dir(runs.ckpt_root(cfg, "encoder"), 1), model_state=enc.state_dict(), meta={
+    ck.write_checkpoint(ck.epoch_dir(run.ckpt_root("encoder"), 1), model_state=enc.state_dict(), meta={
         "kind": "encoder", "epoch": 1, "loss": 0.0, "class_encoder": {
             "num_classes": 10, "seq_len": cfg.model.seq_len, "dim": dim, "hidden_dim": cfg.model.hidden_dim,
             "null_class": False}})
-    spec = resolve_spec(cfg, guidance_scale=2.0)
-    plan = plan_for(cfg, n, "uniform")
-    device = "cuda" if cuda else "cpu"
+    spec = resolve_spec(run, guidance_scale=2.0)
+    plan = run.plan(n, "uniform")
+    generator = load_generator(spec, "cuda" if cuda else "cpu")
     n_raw = min(n, 8 * batch)
-    generate_images(spec, plan.labels[:batch], plan.seeds[:batch], device, batch_size=batch)  # load + warm-up
+    generator.images(plan.labels[:batch], plan.seeds[:batch], batch_size=batch)  # warm-up
     if cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    generate_images(spec, plan.labels[:n_raw], plan.seeds[:n_raw], device, batch_size=batch)
+    generator.images(plan.labels[:n_raw], plan.seeds[:n_raw], batch_size=batch)
     if cuda:
         torch.cuda.synchronize()
     raw = n_raw / (time.perf_counter() - t0)

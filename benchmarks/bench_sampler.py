@@ -20,9 +20,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import table, timed  # noqa: E402
 
-from raysd.models import ClassEncoder  # noqa: E402
-from raysd.models.diffusion import NoiseSchedule, load_base_model  # noqa: E402
-from raysd.sampling import SamplerParams, ReleasedDDIM, generate, initial_noise  # noqa: E402
+from raysd.core.models import ClassEncoder  # noqa: E402
+from raysd.core.models.diffusion import NoiseSchedule  # noqa: E402
+from raysd.core.sampling import SamplerParams, generate, initial_noise  # noqa: E402
+from raysd.core.schedulers import make_scheduler  # noqa: E402
+from raysd.data.models import load_base_model  # noqa: E402
 
 
 @torch.no_grad()
@@ -32,12 +34,12 @@ def plain_loop(base, enc, labels, steps: int, ugs: float, schedule: NoiseSchedul
         lab = torch.as_tensor(labels[lo : lo + batch], device=base.device)
         x = initial_noise(range(lo, lo + len(lab)), base.latent_shape).to(base.device)
         cond, uncond = enc.encode(lab), enc(enc.uncond_input(len(lab)))
-        sched = ReleasedDDIM(schedule, steps)
-        for i, t in enumerate(sched.timesteps):
+        sched = make_scheduler("ddim", schedule, steps)
+        for t in sched.timesteps:
             tt = torch.full((len(lab),), t, device=base.device)
             e_u = base.unet(x, tt, encoder_hidden_states=uncond).sample
             e_c = base.unet(x, tt, encoder_hidden_states=cond).sample
-            x = sched.step(e_u + ugs * (e_c - e_u), i, x)
+            x = sched.step(e_u + ugs * (e_c - e_u), t, x).prev_sample
         base.decode(x)
 
 

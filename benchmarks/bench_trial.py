@@ -24,10 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import sync, table  # noqa: E402
 
 from raysd.config import load_config  # noqa: E402
-from raysd.models import ClassEncoder  # noqa: E402
-from raysd.models.diffusion import NoiseSchedule, load_base_model  # noqa: E402
-from raysd.sampling import SamplerParams, generate  # noqa: E402
-from raysd.search_core import run_trial  # noqa: E402
+from raysd.core.models import ClassEncoder  # noqa: E402
+from raysd.core.models.diffusion import NoiseSchedule  # noqa: E402
+from raysd.core.sampling import SamplerParams, generate  # noqa: E402
+from raysd.core.search_space import run_trial  # noqa: E402
+from raysd.data.models import load_base_model  # noqa: E402
 
 
 def main() -> None:

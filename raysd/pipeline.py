@@ -13,125 +13,125 @@ continues where it stopped: the stages themselves resume (checkpoints, shards, T
 
 from __future__ import annotations
 
-import hashlib
-import json
+import copy
 import logging
-import platform
-import subprocess
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
-from raysd import checkpoints as ck
-from raysd import runs, storage
-from raysd.config import Config
+from raysd.config import Config, fingerprint
+from raysd.config.loading import absolutize_paths
+from raysd.data import checkpoints as ck
+from raysd.data import storage
 from raysd.errors import RaysdError
+from raysd.run.manifest import provenance, read_manifest, write_manifest
+from raysd.run.rundir import PIPELINE_STAGES, Run
+from raysd.run.scores import Score
 
 log = logging.getLogger("raysd")
-MANIFEST = "manifest.json"
 
 
 @dataclass
 class Stage:
     name: str
     key: Callable[[Config, dict], Any]  # what the stage depends on (settings + upstream outputs)
-    run: Callable[[Config, dict, bool], dict]  # (cfg, outputs so far, restart) -> this stage's outputs
+    run: Callable[[Run, dict, bool], dict]  # (run, outputs so far, restart) -> this stage's outputs (JSON)
     enabled: Callable[[Config], bool] = lambda cfg: True
 
 
 # --------------------------------------------------------------------------------------------
-# Stage bodies
+# Stage bodies: each calls one stage module and returns its manifest outputs
 
 
-def _prepare(cfg: Config, out: dict, restart: bool) -> dict:
-    metas = runs.ensure_prepared(cfg)
-    return {s: {"num_rows": m["num_rows"], "counts_per_class": m["counts_per_class"]} for s, m in metas.items()} | {
-        "fingerprint": metas["train"]["provenance"]["fingerprint"], "class_names": metas["train"]["class_names"],
-        "image_shape": metas["train"]["image_shape"]}
+def _prepare(run: Run, out: dict, restart: bool) -> dict:
+    from raysd.stages.prepare import ensure_prepared
+
+    ensure_prepared(run)
+    m = {s: run.meta(s) for s in ("train", "val", "test")}
+    return {s: {"num_rows": v["num_rows"], "counts_per_class": v["counts_per_class"]} for s, v in m.items()} | {
+        "fingerprint": m["train"]["provenance"]["fingerprint"], "class_names": m["train"]["class_names"],
+        "image_shape": m["train"]["image_shape"]}
 
 
-def _pretrain(cfg: Config, out: dict, restart: bool) -> dict:
-    from raysd.training import export_base, train
+def _pretrain(run: Run, out: dict, restart: bool) -> dict:
+    from raysd.stages.train import export_base, train
 
-    epochs = train(cfg, "pretrain", restart=restart)
-    export_base(cfg, epochs[-1])
-    meta = ck.read_meta(ck.epoch_dir(runs.ckpt_root(cfg, "pretrain"), epochs[-1]))
-    return {"epochs": epochs[-1], "steps": meta["step"], "loss": meta["loss"], "base": runs.base_spec(cfg),
+    epochs = train(run.cfg, "pretrain", restart=restart)
+    export_base(run, epochs[-1])
+    meta = ck.read_meta(ck.epoch_dir(run.ckpt_root("pretrain"), epochs[-1]))
+    return {"epochs": epochs[-1], "steps": meta["step"], "loss": meta["loss"], "base": run.base_spec(),
             "base_sha256": meta["files"][ck.MODEL_FILE]}
 
 
-def _train_encoder(cfg: Config, out: dict, restart: bool) -> dict:
-    from raysd.training import train
-
-    epochs = train(cfg, "encoder", restart=restart)
-    return {"epochs": epochs, "checkpoints": _shas(cfg, "encoder", epochs), "losses": _losses(cfg, "encoder", epochs)}
-
-
-def _after(cfg: Config, spec, params: dict) -> dict:  # noqa: ANN001
-    from raysd.evaluation import cas_of_generator
-
-    res = cas_of_generator(cfg, spec, cfg.search.num_images)
-    return {"params": params, "cas": {"top1": res["top1"], "top5": res["top5"]}, "num_images": res["num_images"],
-            "generation_seconds": res["generation_seconds"], "images_per_second": res["images_per_second"],
-            "per_class": {"per_class_accuracy": res["per_class_accuracy"], "confusion": res["confusion"]}}
+def _trained(run: Run, kind: str, epochs: list[int]) -> dict:
+    root = run.ckpt_root(kind)
+    metas = {e: ck.read_meta(ck.epoch_dir(root, e)) for e in epochs}
+    return {"epochs": epochs, "checkpoints": {str(e): m["files"][ck.MODEL_FILE] for e, m in metas.items()},
+            "losses": [float(m["loss"]) for m in metas.values()]}
 
 
-def _after_1(cfg: Config, out: dict, restart: bool) -> dict:
+def _train_encoder(run: Run, out: dict, restart: bool) -> dict:
+    from raysd.stages.train import train
+
+    return _trained(run, "encoder", train(run.cfg, "encoder", restart=restart))
+
+
+def _after(run: Run, params: dict, **choice: Any) -> dict:
+    """A Table 1 row: the CAS of ``search.num_images`` images generated in memory."""
+    from raysd.run.generators import resolve_spec
+    from raysd.stages.evaluate import cas_of_generator
+
+    spec = resolve_spec(run, best={}, **choice)
+    score: Score = cas_of_generator(run.cfg, spec, run.cfg.search.num_images)
+    score.params = {"num_inference_steps": spec.num_inference_steps, "guidance_scale": spec.guidance_scale, **params}
+    return score.step_json()
+
+
+def _after_1(run: Run, out: dict, restart: bool) -> dict:
     """Untuned defaults (the config's IS and UGS; the paper's 50 and 7.5), last encoder epoch."""
-    from raysd.generation import resolve_spec
-
-    e = out["train_encoder"]["epochs"][-1]
-    spec = resolve_spec(cfg, num_inference_steps=cfg.sampling.num_inference_steps,
-                        guidance_scale=cfg.sampling.guidance_scale, encoder_epoch=e, use_unet=False, best={})
-    return _after(cfg, spec, {"num_inference_steps": spec.num_inference_steps, "guidance_scale": spec.guidance_scale,
-                              "epoch": e})
+    s, e = run.cfg.sampling, out["train_encoder"]["epochs"][-1]
+    return _after(run, {"epoch": e}, num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
+                  encoder_epoch=e, use_unet=False)
 
 
-def _search(phase: int) -> Callable[[Config, dict, bool], dict]:
-    def run(cfg: Config, out: dict, restart: bool) -> dict:
-        from raysd.search import search
+def _search(phase: int) -> Callable[[Run, dict, bool], dict]:
+    def run_search(run: Run, out: dict, restart: bool) -> dict:
+        from raysd.stages.search import search
 
-        best = search(cfg, phase, restart=restart)
-        imp = storage.read_json(storage.join(runs.search_dir(cfg, phase), "importance.json"))
+        best = search(run.cfg, phase, restart=restart).to_json()
+        imp = storage.read_json(storage.join(run.search_dir(phase), "importance.json"))
         return {"best": {k: v for k, v in best.items() if k not in ("confusion", "per_class_accuracy", "space")},
                 "per_class": {"per_class_accuracy": best["per_class_accuracy"], "confusion": best["confusion"]},
                 "importance": imp["importances"], "importance_basis": imp}
 
-    return run
+    return run_search
 
 
-def _finetune(cfg: Config, out: dict, restart: bool) -> dict:
-    from raysd.training import train
+def _finetune(run: Run, out: dict, restart: bool) -> dict:
+    from raysd.stages.train import train
 
     e = out["search_1"]["best"]["encoder_epoch"]
-    epochs = train(cfg, "unet", encoder_epoch=e, restart=restart)
-    return {"encoder_epoch": e, "epochs": epochs, "checkpoints": _shas(cfg, "unet", epochs),
-            "losses": _losses(cfg, "unet", epochs)}
+    return {"encoder_epoch": e, **_trained(run, "unet", train(run.cfg, "unet", encoder_epoch=e, restart=restart))}
 
 
-def _after_3(cfg: Config, out: dict, restart: bool) -> dict:
+def _after_3(run: Run, out: dict, restart: bool) -> dict:
     """Search 1's IS and UGS on the last UNet epoch."""
-    from raysd.generation import resolve_spec
-
-    b = out["search_1"]["best"]
-    f = out["finetune"]["epochs"][-1]
-    spec = resolve_spec(cfg, num_inference_steps=b["num_inference_steps"], guidance_scale=b["guidance_scale"],
-                        encoder_epoch=out["finetune"]["encoder_epoch"], unet_epoch=f, best={})
-    return _after(cfg, spec, {"num_inference_steps": b["num_inference_steps"], "guidance_scale": b["guidance_scale"],
-                              "epoch": f})
+    b, f = out["search_1"]["best"], out["finetune"]["epochs"][-1]
+    return _after(run, {"epoch": f}, num_inference_steps=b["num_inference_steps"], guidance_scale=b["guidance_scale"],
+                  encoder_epoch=out["finetune"]["encoder_epoch"], unet_epoch=f)
 
 
-def _generate(cfg: Config, out: dict, restart: bool) -> dict:
+def _generate(run: Run, out: dict, restart: bool) -> dict:
     """The largest scale once (real class distribution); smaller x_k are its stratified prefixes."""
-    from raysd.generation import generate_set, resolve_spec
+    from raysd.run.generators import resolve_spec
+    from raysd.stages.generate import generate_set
 
-    b = out["search_2"]["best"]
+    cfg, b = run.cfg, out["search_2"]["best"]
     k = max(cfg.scale.scales)
     n = k * out["prepare"]["train"]["num_rows"]
-    spec = resolve_spec(cfg, num_inference_steps=b["num_inference_steps"], guidance_scale=b["guidance_scale"],
+    spec = resolve_spec(run, num_inference_steps=b["num_inference_steps"], guidance_scale=b["guidance_scale"],
                         encoder_epoch=b["encoder_epoch"], unet_epoch=b["unet_epoch"], best={})
-    set_dir = runs.synthetic_dir(cfg, f"x{k}")
+    set_dir = run.synthetic_dir(f"x{k}")
     t0 = time.perf_counter()
     meta = generate_set(cfg, set_dir, num_images=n, class_balance=cfg.scale.class_balance, spec=spec, restart=restart)
     seconds = time.perf_counter() - t0
@@ -141,12 +141,12 @@ def _generate(cfg: Config, out: dict, restart: bool) -> dict:
             "seconds": seconds, "images_per_second": n / max(seconds, 1e-9)}
 
 
-def _scaling(cfg: Config, out: dict, restart: bool) -> dict:
-    from raysd.evaluation import cas_of_sets
-    from raysd.plan import class_counts
+def _scaling(run: Run, out: dict, restart: bool) -> dict:
+    from raysd.core.plan import class_counts
+    from raysd.stages.evaluate import cas_of_sets
 
-    real = out["prepare"]["train"]
-    jobs: list[tuple[str, list[int] | None]] = [(runs.split_dir(cfg, "train"), None)]
+    cfg, real = run.cfg, out["prepare"]["train"]
+    jobs: list[tuple[str, list[int] | None]] = [(run.split_dir("train"), None)]
     names = ["real"]
     for k in sorted(cfg.scale.scales):
         jobs.append((out["generate"]["set"], class_counts(k * real["num_rows"], len(real["counts_per_class"]),
@@ -154,29 +154,15 @@ def _scaling(cfg: Config, out: dict, restart: bool) -> dict:
         names.append(f"x{k}")
     order = sorted(range(len(jobs)), key=lambda i: -(sum(jobs[i][1]) if jobs[i][1] else real["num_rows"]))
     done = cas_of_sets(cfg, [jobs[i] for i in order])  # largest first: the long ones start at once
-    results = [done[order.index(i)] for i in range(len(jobs))]
-    return {name: {"top1": r["top1"], "top5": r["top5"], "num_images": r["num_images"], "best_epoch": r["best_epoch"],
-                   "seconds": r["seconds"], "per_class": {"per_class_accuracy": r["per_class_accuracy"],
-                                                         "confusion": r["confusion"]}}
-            for name, r in zip(names, results)}
+    return {names[i]: done[order.index(i)].scale_json() for i in range(len(jobs))}
 
 
-def _report(cfg: Config, out: dict, restart: bool) -> dict:
-    from raysd.report import write_report
-    from raysd.results import build_results
+def _report(run: Run, out: dict, restart: bool) -> dict:
+    from raysd.run.report import write_report
+    from raysd.run.results import build_results
 
-    build_results(cfg, read_manifest(cfg.run_dir))
-    return write_report(cfg.run_dir)
-
-
-def _shas(cfg: Config, kind: str, epochs: list[int]) -> dict[str, str]:
-    root = runs.ckpt_root(cfg, kind)
-    return {str(e): ck.read_meta(ck.epoch_dir(root, e))["files"][ck.MODEL_FILE] for e in epochs}
-
-
-def _losses(cfg: Config, kind: str, epochs: list[int]) -> list[float]:
-    root = runs.ckpt_root(cfg, kind)
-    return [float(ck.read_meta(ck.epoch_dir(root, e))["loss"]) for e in epochs]
+    build_results(run.cfg, read_manifest(run.root))
+    return write_report(run.root)
 
 
 def _sec(cfg: Config, *names: str) -> dict:
@@ -215,51 +201,10 @@ STAGES: list[Stage] = [
                                     o["search_2"]["best"], o["finetune"]["checkpoints"], c.seed], _generate),
     Stage("scaling", lambda c, o: [_sec(c, "cas"), sorted(c.scale.scales), c.scale.class_balance,
                                    o["generate"]["fingerprint"], o["prepare"]["fingerprint"], c.seed], _scaling),
-    Stage("report", lambda c, o: [_key_hash(o)], _report),
+    Stage("report", lambda c, o: [fingerprint(o)], _report),
 ]
 STAGE_NAMES = [s.name for s in STAGES]
-assert tuple(STAGE_NAMES) == runs.PIPELINE_STAGES, "keep runs.PIPELINE_STAGES in step with STAGES"
-
-
-# --------------------------------------------------------------------------------------------
-# Manifest
-
-
-def _key_hash(key: Any) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def read_manifest(run_dir: str) -> dict[str, Any]:
-    path = storage.join(run_dir, MANIFEST)
-    if not storage.exists(path):
-        return {"stages": {}}
-    try:
-        m = storage.read_json(path)
-    except ValueError:
-        raise RaysdError(f"run {run_dir}: {MANIFEST} is damaged (not valid JSON)") from None
-    return m if isinstance(m, dict) and "stages" in m else {"stages": {}}
-
-
-def _write_manifest(run_dir: str, manifest: dict[str, Any]) -> None:
-    storage.write_json_atomic(storage.join(run_dir, MANIFEST), manifest)
-
-
-def provenance(cfg: Config) -> dict[str, Any]:
-    import importlib.metadata as md
-
-    versions = {}
-    for pkg in ("raysd", "ray", "torch", "diffusers", "optuna", "pyarrow", "numpy"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
-    try:
-        sha = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.TimeoutExpired):
-        sha = None
-    return {"config_hash": cfg.hash(), "git_sha": sha, "versions": versions, "python": platform.python_version(),
-            "host": platform.node()}
+assert tuple(STAGE_NAMES) == PIPELINE_STAGES, "keep raysd.run.rundir.PIPELINE_STAGES in step with STAGES"
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,19 +216,15 @@ def run(config: Config, *, until: str | None = None) -> dict[str, Any]:
 
     Resumable: completed stages whose inputs did not change are skipped.
     """
-    from raysd.raycluster import ensure_ray
-
-    import copy
-
-    from raysd.config import absolutize_paths
+    from raysd.run.locking import RunLock
+    from raysd.stages.cluster import ensure_ray
 
     cfg = absolutize_paths(copy.deepcopy(config))  # Ray's workers do not share this working directory
     if until is not None and until not in STAGE_NAMES:
         raise RaysdError(f"run: --until must be one of {STAGE_NAMES}; got {until!r}")
     ensure_ray()
-    runs.save_run_config(cfg)
-    from raysd.locking import RunLock
-
+    the_run = Run(cfg)
+    the_run.save_config()
     with RunLock(cfg.run_dir):
         manifest = read_manifest(cfg.run_dir)
         manifest["provenance"] = provenance(cfg)
@@ -291,7 +232,7 @@ def run(config: Config, *, until: str | None = None) -> dict[str, Any]:
         for stage in STAGES:
             if not stage.enabled(cfg):
                 continue
-            _run_stage(cfg, stage, manifest, outputs)
+            _run_stage(the_run, stage, manifest, outputs)
             if stage.name == until:
                 log.info("run: stopped after %s (--until)", until)
                 break
@@ -301,8 +242,8 @@ def run(config: Config, *, until: str | None = None) -> dict[str, Any]:
     return results or {}
 
 
-def _run_stage(cfg: Config, stage: Stage, manifest: dict[str, Any], outputs: dict[str, Any]) -> None:
-    key = _key_hash(stage.key(cfg, outputs))
+def _run_stage(run: Run, stage: Stage, manifest: dict[str, Any], outputs: dict[str, Any]) -> None:
+    key = fingerprint(stage.key(run.cfg, outputs))
     rec = manifest["stages"].get(stage.name, {})
     if rec.get("status") == "complete" and rec.get("key") == key:
         log.info("run: %s complete, skipped", stage.name)
@@ -312,12 +253,12 @@ def _run_stage(cfg: Config, stage: Stage, manifest: dict[str, Any], outputs: dic
     log.info("run: %s %s", stage.name, "rerun (settings or inputs changed)" if restart else
              ("resumed" if rec else "started"))
     manifest["stages"][stage.name] = {"status": "running", "key": key, "started_at": time.time()}
-    _write_manifest(cfg.run_dir, manifest)
+    write_manifest(run.root, manifest)
     t0 = time.perf_counter()
-    result = stage.run(cfg, outputs, restart)
+    result = stage.run(run, outputs, restart)
     seconds = time.perf_counter() - t0
     manifest["stages"][stage.name] = {"status": "complete", "key": key, "outputs": result, "seconds": seconds,
                                       "finished_at": time.time()}
-    _write_manifest(cfg.run_dir, manifest)
+    write_manifest(run.root, manifest)
     outputs[stage.name] = result
     log.info("run: %s complete in %.1fs", stage.name, seconds)

@@ -165,10 +165,11 @@ def make_tiny_run(root: Path, encoder_epochs: int = 1, **overrides):
     checkpoints for epochs 1..encoder_epochs: enough for generation and search, no training."""
     import torch
 
-    from raysd import checkpoints as ck
-    from raysd import runs
+    from raysd.data import checkpoints as ck
     from raysd.config import load_config
-    from raysd.models import ClassEncoder
+    from raysd.core.models import ClassEncoder
+    from raysd.run.rundir import Run
+    from raysd.stages.prepare import ensure_prepared
 
     npz = write_medmnist_npz(root / "toy.npz", n=(40, 12, 12), classes=4, size=8)
     cfg = load_config("demo", overrides={
@@ -176,8 +177,8 @@ def make_tiny_run(root: Path, encoder_epochs: int = 1, **overrides):
         "model.pretrain_steps": 0, "model.resolution": 16, "sampling.num_inference_steps": 3,
         "sampling.batch_size": 8, "scale.shard_size": 10, "resources.torch_threads": 1,
         "resources.generation_actors": 2, **overrides})
-    runs.save_run_config(cfg)
-    runs.ensure_prepared(cfg)
+    Run(cfg).save_config()
+    ensure_prepared(Run(cfg))
     for epoch in range(1, encoder_epochs + 1):
         with torch.random.fork_rng():
             torch.manual_seed(4 + epoch)
@@ -185,6 +186,6 @@ def make_tiny_run(root: Path, encoder_epochs: int = 1, **overrides):
         meta = {"kind": "encoder", "epoch": epoch, "loss": 0.0, "config_hash": "test", "module": "class_encoder",
                 "class_encoder": {"num_classes": 4, "seq_len": cfg.model.seq_len, "dim": 32,
                                   "hidden_dim": cfg.model.hidden_dim, "null_class": False}}
-        ck.write_checkpoint(ck.epoch_dir(runs.ckpt_root(cfg, "encoder"), epoch), model_state=enc.state_dict(),
+        ck.write_checkpoint(ck.epoch_dir(Run(cfg).ckpt_root("encoder"), epoch), model_state=enc.state_dict(),
                             meta=meta)
     return cfg

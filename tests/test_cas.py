@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from raysd.cas import CasTrainer, train_and_evaluate
+from raysd.core.cas import CasTrainer, train_and_evaluate
 from raysd.config import CasConfig
-from raysd.datasets import load_dataset
+from raysd.data.sources import load_dataset
 from raysd.errors import RaysdError
 
 

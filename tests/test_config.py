@@ -39,9 +39,10 @@ def test_overrides_are_coerced_from_strings():
 
 @pytest.mark.parametrize("key,value,needle", [
     ("encoder.epochs", "-1", "encoder.epochs must be >= 1"),
-    ("sampling.num_inference_steps", "0", "sampling.num_inference_steps must be in [1, 1000]"),
-    ("sampling.guidance_scale", "-0.5", "sampling.guidance_scale must be >= 0"),
-    ("dataset.name", "imagenet", "unknown dataset 'imagenet'"),
+    ("sampling.num_inference_steps", "0", "sampling.num_inference_steps must be in [1, model.num_train_timesteps=1000]"),
+    ("sampling.guidance_scale", "-0.5", "sampling.guidance_scale must be in [0, 100]"),
+    ("sampling.guidance_scale", "101", "sampling.guidance_scale must be in [0, 100]"),
+    ("dataset.name", "imagenet", "dataset.name must be a registered dataset, npz:PATH or folder:PATH; got 'imagenet'"),
     ("encoder.epochs", "three", "encoder.epochs must be int"),
     ("sampling.scheduler", "euler", "must be one of ['ddim', 'dpmpp', 'unipc']"),
     ("encoder.epoch", "3", "unknown key 'encoder.epoch'"),

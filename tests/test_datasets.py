@@ -8,7 +8,7 @@ import pytest
 
 from conftest import (balanced_labels, random_images, shared_file, write_cifar10_layout, write_cifar100_layout,
                       write_image_folder, write_medmnist_npz)
-from raysd.datasets import as_images, load_dataset, stratified_split
+from raysd.data.sources import as_images, load_dataset, stratified_split
 from raysd.errors import RaysdError
 
 

@@ -4,12 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from raysd.cas import CasTrainer
+from raysd.core.cas import CasTrainer
 from raysd.config import CasConfig
-from raysd.generator import apply_fast_paths
-from raysd.models import ClassEncoder
-from raysd.models.diffusion import NoiseSchedule, load_base_model
-from raysd.sampling import SamplerParams, generate, sample_latents
+from raysd.core.generator import apply_fast_paths
+from raysd.core.models import ClassEncoder
+from raysd.core.models.diffusion import NoiseSchedule
+from raysd.data.models import load_base_model
+from raysd.core.sampling import SamplerParams, generate, sample_latents
 
 PARAMS = SamplerParams(3, 2.0, "ddim")
 
@@ -70,7 +71,7 @@ def test_compiled_classifier_trains_like_the_eager_one():
 
 def test_spec_records_the_fast_paths(tmp_path):
     from raysd.config import load_config
-    from raysd.generator import GeneratorSpec
+    from raysd.core.generator import GeneratorSpec
 
     cfg = load_config("demo", overrides={"sampling.compile": True, "sampling.fuse_qkv": True})
     assert cfg.sampling.compile and cfg.sampling.fuse_qkv
@@ -80,7 +81,7 @@ def test_spec_records_the_fast_paths(tmp_path):
 
 def test_tiny_decoder_option_decodes_to_images_and_fails_clearly_when_missing(tmp_path, monkeypatch):
     from raysd.errors import RaysdError
-    from raysd.models.diffusion import load_tiny_decoder
+    from raysd.data.models import load_tiny_decoder
 
     base, enc = models()
     tae = load_tiny_decoder("random:taesd", latent_channels=base.vae.config.latent_channels)

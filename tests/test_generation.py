@@ -11,11 +11,13 @@ import pytest
 import torch
 
 from conftest import REPO, make_tiny_run
-from raysd import runs, sets
+from raysd.data import imageset as sets
+from raysd.run.rundir import Run
 from raysd.errors import RaysdError
-from raysd.export import class_folder, export_set
-from raysd.generation import generate_set, plan_for, resolve_spec
-from raysd.generator import generate_images
+from raysd.run.export import class_folder, export_set
+from raysd.stages.generate import generate_set
+from raysd.run.generators import resolve_spec
+from raysd.data.models import load_generator
 
 pytestmark = pytest.mark.ray
 
@@ -30,8 +32,8 @@ def tiny_run(tmp_path_factory, ray_session):
 @pytest.fixture(scope="module")
 def reference(tiny_run):
     """The undisturbed set every other run must reproduce exactly."""
-    spec = resolve_spec(tiny_run, guidance_scale=2.0)
-    out = runs.synthetic_dir(tiny_run, "ref")
+    spec = resolve_spec(Run(tiny_run), guidance_scale=2.0)
+    out = Run(tiny_run).synthetic_dir("ref")
     meta = generate_set(tiny_run, out, num_images=N, class_balance="real", spec=spec)
     return out, meta
 
@@ -41,15 +43,15 @@ def test_set_has_every_sample_once_and_matches_the_core_sampler(tiny_run, refere
     s = sets.read_set(out)
     assert s.sample_ids.tolist() == list(range(N)) and meta["num_rows"] == N
     assert sorted(meta["files"]) == [f"shard-{i:06d}.parquet" for i in range(4)]
-    plan = plan_for(tiny_run, N, "real")
+    plan = Run(tiny_run).plan(N, "real")
     assert s.labels.tolist() == plan.labels.tolist() and meta["counts_per_class"] == plan.counts
     gen = meta["provenance"]["generator"]
     assert gen["guidance_scale"] == 2.0 and gen["encoder_sha256"] and gen["unet_sha256"] is None
-    spec = resolve_spec(tiny_run, guidance_scale=2.0)
+    spec = resolve_spec(Run(tiny_run), guidance_scale=2.0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the actors ran
     try:
-        direct = generate_images(spec, plan.labels[10:20], plan.seeds[10:20], "cpu", batch_size=8)
+        direct = load_generator(spec, "cpu").images(plan.labels[10:20], plan.seeds[10:20], batch_size=8)
     finally:
         torch.set_num_threads(threads)
     np.testing.assert_array_equal(s.images[10:20], direct)
@@ -58,16 +60,16 @@ def test_set_has_every_sample_once_and_matches_the_core_sampler(tiny_run, refere
 def test_rerun_is_a_no_op_and_other_settings_are_refused(tiny_run, reference):
     out, meta = reference
     stamp = {p.name: p.stat().st_mtime_ns for p in Path(out).iterdir()}
-    again = generate_set(tiny_run, out, num_images=N, class_balance="real", spec=resolve_spec(tiny_run, guidance_scale=2.0))
+    again = generate_set(tiny_run, out, num_images=N, class_balance="real", spec=resolve_spec(Run(tiny_run), guidance_scale=2.0))
     assert again == meta and {p.name: p.stat().st_mtime_ns for p in Path(out).iterdir()} == stamp
     with pytest.raises(RaysdError, match="made with other settings"):
-        generate_set(tiny_run, out, num_images=N, class_balance="real", spec=resolve_spec(tiny_run, guidance_scale=3.0))
+        generate_set(tiny_run, out, num_images=N, class_balance="real", spec=resolve_spec(Run(tiny_run), guidance_scale=3.0))
 
 
 def test_missing_shards_are_made_again_identically(tiny_run, reference):
     ref_dir, ref_meta = reference
-    out = runs.synthetic_dir(tiny_run, "partial")
-    spec = resolve_spec(tiny_run, guidance_scale=2.0)
+    out = Run(tiny_run).synthetic_dir("partial")
+    spec = resolve_spec(Run(tiny_run), guidance_scale=2.0)
     generate_set(tiny_run, out, num_images=N, class_balance="real", spec=spec)
     (Path(out) / "meta.json").unlink()  # as if killed before the end ...
     (Path(out) / "shard-000002.parquet").unlink()  # ... with one shard not yet written
@@ -77,12 +79,12 @@ def test_missing_shards_are_made_again_identically(tiny_run, reference):
 
 def test_bad_generation_requests(tiny_run):
     with pytest.raises(RaysdError, match="encoder epoch 9 has no valid checkpoint"):
-        resolve_spec(tiny_run, encoder_epoch=9)
+        resolve_spec(Run(tiny_run), encoder_epoch=9)
     with pytest.raises(RaysdError, match="--guidance-scale must be >= 0"):
-        resolve_spec(tiny_run, guidance_scale=-1.0)
+        resolve_spec(Run(tiny_run), guidance_scale=-1.0)
     with pytest.raises(RaysdError, match="must be >= 1"):
-        generate_set(tiny_run, runs.synthetic_dir(tiny_run, "zero"), num_images=0, class_balance="real",
-                     spec=resolve_spec(tiny_run))
+        generate_set(tiny_run, Run(tiny_run).synthetic_dir("zero"), num_images=0, class_balance="real",
+                     spec=resolve_spec(Run(tiny_run)))
 
 
 def _generate_cli(run_dir, name, *extra):
@@ -97,7 +99,7 @@ def test_driver_kill_then_rerun(tiny_run, reference, private_ray_env, tmp_path):
     ref = sets.read_set(reference[0])
     proc = subprocess.Popen(_generate_cli(tiny_run.run_dir, "killed"), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    out = Path(runs.synthetic_dir(tiny_run, "killed"))
+    out = Path(Run(tiny_run).synthetic_dir("killed"))
     deadline = time.time() + 240
     while not list(out.glob("shard-*.parquet")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -116,7 +118,8 @@ logging.basicConfig(level=logging.INFO)
 import ray
 from ray.cluster_utils import Cluster
 from raysd.config import load_config
-from raysd.generation import generate_set, resolve_spec
+from raysd.stages.generate import generate_set
+from raysd.run.generators import resolve_spec
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
 for _ in range(2):
     cluster.add_node(num_cpus=1)
@@ -127,7 +130,7 @@ over = {k: v for k, v in flatten(saved).items() if k != "preset"}
 over.update({"resources.generation_actors": 3, "resources.shared_storage": True})
 cfg = load_config(saved["preset"], overrides=over)
 meta = generate_set(cfg, sys.argv[2], num_images=int(sys.argv[3]), class_balance="real",
-                    spec=resolve_spec(cfg, guidance_scale=2.0))
+                    spec=resolve_spec(Run(cfg), guidance_scale=2.0))
 print("NODES", len(ray.nodes()))
 ray.shutdown()
 cluster.shutdown()
@@ -136,7 +139,7 @@ cluster.shutdown()
 
 def test_three_simulated_nodes_give_identical_output(tiny_run, reference, private_ray_env):
     env, _ = private_ray_env
-    out = runs.synthetic_dir(tiny_run, "multinode")
+    out = Run(tiny_run).synthetic_dir("multinode")
     r = subprocess.run([sys.executable, "-c", MULTI_NODE, tiny_run.run_dir, out, str(N)], env=env,
                        capture_output=True, text=True, timeout=600, cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -155,7 +158,7 @@ def test_local_run_dir_refused_on_several_nodes_without_shared_storage(tiny_run,
 
 
 def test_cas_cli_on_real_digits_writes_json(tmp_path, ray_session):
-    from raysd.prepare import prepare_dataset
+    from raysd.stages.prepare import prepare_dataset
 
     prepare_dataset("digits", str(tmp_path / "digits"))
     out = tmp_path / "cas.json"

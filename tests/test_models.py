@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from raysd.errors import RaysdError
-from raysd.imaging import model_to_uint8, resize_bilinear, uint8_to_model, upsample_uint8
-from raysd.models import ClassEncoder, resnet20
-from raysd.models.diffusion import build_tiny, load_base_model, save_base_model
-from raysd.models.resnet import _same_pads
+from raysd.core.imaging import model_to_uint8, resize_bilinear, uint8_to_model, upsample_uint8
+from raysd.core.models import ClassEncoder, resnet20
+from raysd.core.models.diffusion import build_tiny
+from raysd.data.models import load_base_model, save_base_model
+from raysd.core.models.resnet import _same_pads
 
 
 def test_class_encoder_shapes_and_parameter_count():

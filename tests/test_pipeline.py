@@ -15,7 +15,7 @@ import yaml
 from conftest import REPO, write_medmnist_npz
 from raysd import pipeline
 from raysd.config import load_config
-from raysd.results import SCHEMA_KEYS
+from raysd.run.results import SCHEMA_KEYS
 
 pytestmark = pytest.mark.ray
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from raysd.errors import RaysdError
-from raysd.plan import class_counts, interleave, make_plan, stratified_prefix
-from raysd.sampling import sample_seed
+from raysd.core.plan import class_counts, interleave, make_plan, stratified_prefix
+from raysd.core.seeds import derive_seed as sample_seed
 
 
 def test_uniform_counts_spread_the_remainder_over_the_first_classes():

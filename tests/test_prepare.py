@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 
 from conftest import shared_file, write_medmnist_npz
-from raysd import sets, storage
+from raysd.data import imageset as sets
+from raysd.data import storage
 from raysd.errors import RaysdError
-from raysd.prepare import prepare_dataset
+from raysd.stages.prepare import prepare_dataset
 
 pytestmark = pytest.mark.ray
 
@@ -40,8 +41,8 @@ def test_interrupted_write_is_not_complete_and_is_redone(tmp_path, ray_session):
     p = write_medmnist_npz(tmp_path / "a.npz")
     out = tmp_path / "out"
     # what a crash mid-split leaves: a temporary directory without meta.json
-    (out / f"train{storage.TMP_MARK}prepare").mkdir(parents=True)
-    (out / f"train{storage.TMP_MARK}prepare" / "part-00000-0.parquet").write_bytes(b"half")
+    (out / f"train{storage.TMP_MARK}write").mkdir(parents=True)
+    (out / f"train{storage.TMP_MARK}write" / "part-00000-0.parquet").write_bytes(b"half")
     assert not sets.is_complete(str(out / "train"))
     prepare_dataset(f"npz:{p}", str(out))
     assert sets.read_set(str(out / "train")).labels.shape == (30,)

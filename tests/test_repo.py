@@ -18,7 +18,8 @@ def test_ci_runs_the_readme_test_line():
 
 
 def test_import_is_side_effect_free():
-    code = ("import sys, raysd, raysd.config, raysd.cli, raysd.sets, raysd.datasets, raysd.storage; "
+    code = ("import sys, raysd, raysd.config, raysd.cli, raysd.data.imageset, raysd.data.sources, raysd.data.storage, "
+            "raysd.run.rundir, raysd.run.verify; "
             "heavy = [m for m in ('ray', 'torch', 'diffusers', 'optuna') if m in sys.modules]; "
             "import logging; print(heavy, logging.getLogger('raysd').handlers)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
@@ -26,7 +27,7 @@ def test_import_is_side_effect_free():
 
 
 def test_readme_configuration_reference_is_generated_from_the_code():
-    from raysd.config import reference_markdown
+    from raysd.config.reference import reference_markdown
 
     readme = (REPO / "README.md").read_text()
     start, end = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"

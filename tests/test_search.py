@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from conftest import make_tiny_run
-from raysd import checkpoints as ck
-from raysd import runs
+from raysd.data import checkpoints as ck
+from raysd.run.rundir import Run
 from raysd.config import load_config
-from raysd.search import search, trial_context
+from raysd.stages.search import search, trial_context
 
 pytestmark = pytest.mark.ray
 
@@ -42,8 +42,8 @@ def with_overrides(cfg, **over):
 
 
 def test_hyperband_phase_1(run_cfg):
-    best = search(run_cfg, 1)
-    out = Path(runs.search_dir(run_cfg, 1))
+    best = search(run_cfg, 1).to_json()
+    out = Path(Run(run_cfg).search_dir(1))
     rows = _trials(out / "trials.csv")
     assert len(rows) == 5 and len({r["trial_id"] for r in rows}) == 5
     assert all(r["best_cas"] not in ("", "None") for r in rows)  # the rebuilt study has a value per trial
@@ -56,7 +56,7 @@ def test_hyperband_phase_1(run_cfg):
     assert sum(imp["importances"].values()) == pytest.approx(1.0)
     assert (out / "optimization_history.png").stat().st_size > 1000 and (out / "importance.png").exists()
     assert (out / "optuna.db").exists()
-    again = search(run_cfg, 1)  # complete: returned, not rerun
+    again = search(run_cfg, 1).to_json()  # complete: returned, not rerun
     assert again == best
 
 
@@ -66,35 +66,35 @@ def test_asha_and_the_test_objective(tmp_path, ray_session):
                                                        "search.objective": "test", "search.grace_period": 1,
                                                        "search.num_images": 64, "cas.max_epochs": 4,
                                                        "search.max_guidance_scale": 8.0})
-    best = search(cfg, 1)
-    rows = _trials(Path(runs.search_dir(cfg, 1)) / "trials.csv")
+    best = search(cfg, 1).to_json()
+    rows = _trials(Path(Run(cfg).search_dir(1)) / "trials.csv")
     assert len(rows) == 6 and sum(r["status"] == "stopped early" for r in rows) >= 1
     # the paper's objective: early stopping and the reported CAS use the test split
     assert best["eval_split"] == "test" and best["cas"] == pytest.approx(best["test_top1"])
-    ctx = trial_context(cfg, 1, {}, "cpu")
-    assert ctx["eval_split"] == "test" and len(ctx["eval_labels"]) == 12
+    ctx = trial_context(Run(cfg), 1, {}, "cpu")
+    assert ctx.eval_split == "test" and len(ctx.eval_labels) == 12
 
 
 def test_val_objective_gives_trials_the_val_split_only(run_cfg):
-    from raysd import sets
+    from raysd.data import imageset as sets
 
-    ctx = trial_context(run_cfg, 1, {}, "cpu")
-    val = sets.read_set(runs.split_dir(run_cfg, "val"))
-    assert ctx["eval_split"] == "val" and (ctx["eval_images"] == val.images).all()
-    assert not any(k.startswith("test") for k in ctx)
+    ctx = trial_context(Run(run_cfg), 1, {}, "cpu")
+    val = sets.read_set(Run(run_cfg).split_dir("val"))
+    assert ctx.eval_split == "val" and (ctx.eval_images == val.images).all()
+    assert not any(k.startswith("test") for k in vars(ctx))
 
 
 def test_phase_2_bounds_come_from_phase_1(run_cfg):
-    best1 = search(run_cfg, 1)
-    from raysd.models.diffusion import build_tiny
+    best1 = search(run_cfg, 1).to_json()
+    from raysd.core.models.diffusion import build_tiny
 
     unet = build_tiny("tiny", 16, seed=run_cfg.seed).unet.state_dict()
     for epoch in (1, 2, 3):  # stand-in fine-tuned UNets, made with phase 1's encoder epoch
         state = {k: v + 1e-3 * epoch if v.is_floating_point() else v for k, v in unet.items()}
-        ck.write_checkpoint(ck.epoch_dir(runs.ckpt_root(run_cfg, "unet"), epoch), model_state=state,
+        ck.write_checkpoint(ck.epoch_dir(Run(run_cfg).ckpt_root("unet"), epoch), model_state=state,
                             meta={"kind": "unet", "epoch": epoch, "loss": 0.0,
                                   "encoder_epoch": best1["encoder_epoch"]})
-    best2 = search(run_cfg, 2)
+    best2 = search(run_cfg, 2).to_json()
     sp = best2["space"]
     assert sp["max_inference_steps"] == best1["num_inference_steps"]
     assert sp["max_guidance_scale"] == pytest.approx(2 * best1["guidance_scale"]) and sp["max_epoch"] == 3
@@ -117,11 +117,11 @@ def test_killed_search_restores_with_exactly_the_planned_trials(tmp_path, ray_se
             break
     kill_cluster(proc)
     assert finished >= 2
-    tune_dir = Path(runs.search_dir(cfg, 1)) / "tune"
-    assert not (Path(runs.search_dir(cfg, 1)) / "best.json").exists()
+    tune_dir = Path(Run(cfg).search_dir(1)) / "tune"
+    assert not (Path(Run(cfg).search_dir(1)) / "best.json").exists()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming the interrupted search" in r.stderr
-    rows = _trials(Path(runs.search_dir(cfg, 1)) / "trials.csv")
+    rows = _trials(Path(Run(cfg).search_dir(1)) / "trials.csv")
     assert len(rows) == 5 and len({r["trial_id"] for r in rows}) == 5
     assert len([p for p in tune_dir.iterdir() if p.is_dir() and p.name.startswith("search_trial")]) == 5

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from raysd.config import load_config
-from raysd.search_core import (PARAMS, SearchSpace, best_trial, importances, phase1_space, phase2_space,
+from raysd.core.search_space import (PARAMS, SearchSpace, best_trial, importances, phase1_space, phase2_space,
                                rebuild_study, run_trial, trial_from_rows)
 
 

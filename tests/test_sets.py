@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from conftest import random_images
-from raysd import sets, storage
+from raysd.data import imageset as sets
+from raysd.data import storage
 from raysd.errors import RaysdError
 
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from conftest import write_medmnist_npz
-from raysd import checkpoints as ck
-from raysd import runs
+from raysd.data import checkpoints as ck
+from raysd.run.rundir import Run
 from raysd.config import load_config
 from raysd.errors import RaysdError
-from raysd.training import train
+from raysd.stages.train import train
 
 pytestmark = pytest.mark.ray
 
@@ -38,7 +38,7 @@ def tiny_cfg(run_dir, npz, **extra):
 def test_both_steps_two_workers_change_only_their_module(tmp_path, npz, ray_session):
     cfg = tiny_cfg(tmp_path / "run", npz)
     assert train(cfg, "encoder") == [1, 2]
-    enc_root = runs.ckpt_root(cfg, "encoder")
+    enc_root = Run(cfg).ckpt_root("encoder")
     state, meta = ck.load_weights(ck.epoch_dir(enc_root, 2))
     assert sorted(state) == ["fc1.bias", "fc1.weight", "fc2.weight"]  # only the Class-Encoder is stored
     assert meta["frozen_digest_start"] == meta["frozen_digest_end"]  # the UNet did not move, bit for bit
@@ -47,7 +47,7 @@ def test_both_steps_two_workers_change_only_their_module(tmp_path, npz, ray_sess
     enc_files = {e: ck.read_meta(ck.epoch_dir(enc_root, e))["files"] for e in (1, 2)}
 
     assert train(cfg, "unet", encoder_epoch=1) == [1, 2]
-    unet_root = runs.ckpt_root(cfg, "unet")
+    unet_root = Run(cfg).ckpt_root("unet")
     ustate, umeta = ck.load_weights(ck.epoch_dir(unet_root, 2))
     assert umeta["encoder_epoch"] == 1 and "conv_in.weight" in ustate
     assert umeta["frozen_digest_start"] == umeta["frozen_digest_end"]  # the encoder did not move
@@ -66,7 +66,7 @@ def test_loss_goes_down_on_a_learnable_set(tmp_path, npz, ray_session):
                                              "finetune.lr": 2e-3, "encoder.epochs": 1, "resources.num_workers": 1})
     train(cfg, "encoder")
     train(cfg, "unet")
-    root = runs.ckpt_root(cfg, "unet")
+    root = Run(cfg).ckpt_root("unet")
     losses = [ck.read_meta(ck.epoch_dir(root, e))["loss"] for e in (1, 2, 3, 4)]
     assert losses[-1] < 0.7 * losses[0], losses
 
@@ -85,7 +85,7 @@ def test_changed_settings_refuse_stale_checkpoints(tmp_path, npz, ray_session):
 def test_corrupt_checkpoint_is_refused_and_ignored(tmp_path, npz, ray_session):
     cfg = tiny_cfg(tmp_path / "run", npz, **{"resources.num_workers": 1})
     train(cfg, "encoder")
-    root = runs.ckpt_root(cfg, "encoder")
+    root = Run(cfg).ckpt_root("encoder")
     f = tmp_path / "run" / "checkpoints" / "encoder" / "epoch_002" / ck.MODEL_FILE
     f.write_bytes(f.read_bytes()[:100])
     with pytest.raises(RaysdError, match="damaged"):

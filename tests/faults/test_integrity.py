@@ -5,17 +5,20 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import make_tiny_run
-from raysd import checkpoints as ck
-from raysd import runs
+from raysd.data import checkpoints as ck
+from raysd.run.rundir import Run
 from raysd.cli import main
 from raysd.errors import RaysdError
-from raysd.evaluation import cas_of_set
-from raysd.generation import generate_set, resolve_spec
-from raysd.models.diffusion import build_tiny, load_base_model, save_base_model
+from raysd.stages.evaluate import cas_of_set
+from raysd.stages.generate import generate_set
+from raysd.run.generators import resolve_spec
+from raysd.core.models.diffusion import build_tiny
+from raysd.data.models import load_base_model, save_base_model
 
 pytestmark = pytest.mark.ray
 
@@ -36,9 +39,9 @@ def verify(capsys, run_dir) -> tuple[int, str]:
 @pytest.fixture
 def run(tmp_path, ray_session):
     cfg = make_tiny_run(tmp_path, encoder_epochs=2)
-    generate_set(cfg, runs.synthetic_dir(cfg, "x1"), num_images=20, class_balance="real",
-                 spec=resolve_spec(cfg, guidance_scale=2.0))
-    save_base_model(build_tiny("tiny", 16), runs.base_dir(cfg))
+    generate_set(cfg, Run(cfg).synthetic_dir("x1"), num_images=20, class_balance="real",
+                 spec=resolve_spec(Run(cfg), guidance_scale=2.0))
+    save_base_model(build_tiny("tiny", 16), Run(cfg).base_dir)
     return cfg
 
 
@@ -72,22 +75,22 @@ def test_verify_names_every_damaged_file_and_readers_refuse_them(run, capsys):
         cas_of_set(run, str(root / "synthetic" / "x1"))
     with pytest.raises(RaysdError, match="damaged"):
         ck.load_weights(str(weights.parent))
-    assert ck.valid_epochs(runs.ckpt_root(run, "encoder")) == [1]  # the damaged epoch is never offered
+    assert ck.valid_epochs(Run(run).ckpt_root("encoder")) == [1]  # the damaged epoch is never offered
     with pytest.raises(RaysdError, match="damaged"):
         load_base_model(str(root / "base"), resolution=16)
 
 
 def test_damaged_trial_image_cache_is_regenerated_not_used(run):
-    from raysd.search import trial_images
+    from raysd.stages.search_trial import TrialContext, trial_images
 
-    ctx = {"phase": 1, "fixed": {}, "num_classes": 4}
-    params = {"num_inference_steps": 2, "guidance_scale": 1.5, "epoch": 1}
     cfg = run
     cfg.search.num_images = 12
-    images, labels, _ = trial_images(cfg, ctx, params, "cpu")
-    cached = next((Path(runs.search_dir(cfg, 1)) / "images").glob("*.safetensors"))
+    ctx = TrialContext(Run(cfg), 1, {}, "cpu", "val", np.zeros((1, 8, 8, 3), np.uint8), np.zeros(1, np.int64), 4)
+    params = {"num_inference_steps": 2, "guidance_scale": 1.5, "epoch": 1}
+    images, labels, _ = trial_images(ctx, params, "cpu")
+    cached = next((Path(Run(cfg).search_dir(1)) / "images").glob("*.safetensors"))
     flip_bit(cached, offset=len(cached.read_bytes()) - 5)
-    again, labels2, _ = trial_images(cfg, ctx, params, "cpu")
+    again, labels2, _ = trial_images(ctx, params, "cpu")
     assert torch.equal(torch.from_numpy(again), torch.from_numpy(images)) and (labels2 == labels).all()
     assert main(["verify", cfg.run_dir]) == 0  # regenerated and rewritten with a matching checksum
 

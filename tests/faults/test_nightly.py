@@ -89,13 +89,14 @@ logging.basicConfig(level=logging.INFO)
 import ray
 ray.init(num_cpus=2, object_store_memory=200 * 1024 * 1024, include_dashboard=False)
 from raysd.config import flatten, load_config
-from raysd.generation import generate_set, resolve_spec
-from raysd import sets
+from raysd.stages.generate import generate_set
+from raysd.run.generators import resolve_spec
+from raysd.data import imageset as sets
 saved = json.load(open(sys.argv[1] + "/config.json"))
 over = {k: v for k, v in flatten(saved).items() if k != "preset"}
 over.update({"scale.shard_size": 5000, "sampling.batch_size": 1024, "resources.generation_actors": 2})
 cfg = load_config(saved["preset"], overrides=over)
-spec = resolve_spec(cfg, num_inference_steps=1, guidance_scale=1.0)
+spec = resolve_spec(Run(cfg), num_inference_steps=1, guidance_scale=1.0)
 out = {}
 for n in (20_000, 200_000):
     t0 = time.time()
@@ -108,7 +109,7 @@ print("LOAD", json.dumps(out))
 
 def test_two_hundred_thousand_images_under_a_200mb_object_store(tmp_path, private_ray_env):
     from conftest import make_tiny_run
-    from raysd import sets
+    from raysd.data import imageset as sets
 
     env, _ = private_ray_env
     cfg = make_tiny_run(tmp_path, **{"model.resolution": 8})

@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 
 from conftest import REPO, make_tiny_run, write_medmnist_npz
-from raysd import checkpoints as ck
-from raysd import runs, sets
-from raysd.generation import generate_set, resolve_spec
+from raysd.data import checkpoints as ck
+from raysd.data import imageset as sets
+from raysd.run.rundir import Run
+from raysd.stages.generate import generate_set
+from raysd.run.generators import resolve_spec
 
 pytestmark = pytest.mark.ray
 
@@ -26,8 +28,8 @@ N = 60  # 6 shards of 10
 @pytest.fixture(scope="module")
 def gen_run(tmp_path_factory, ray_session):
     cfg = make_tiny_run(tmp_path_factory.mktemp("faults"), **{"sampling.num_inference_steps": 8})
-    ref = runs.synthetic_dir(cfg, "ref")
-    generate_set(cfg, ref, num_images=N, class_balance="real", spec=resolve_spec(cfg, guidance_scale=2.0))
+    ref = Run(cfg).synthetic_dir("ref")
+    generate_set(cfg, ref, num_images=N, class_balance="real", spec=resolve_spec(Run(cfg), guidance_scale=2.0))
     return cfg, sets.read_set(ref)
 
 
@@ -54,7 +56,7 @@ def test_generation_actor_killed_mid_batch(gen_run, private_ray_env, tmp_path):
     if r.returncode != 0:  # Ray Data may give up on the batch; a rerun then completes the set
         r = subprocess.run(cmd, env=fenv, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert_same_set(runs.synthetic_dir(cfg, "killed-actor"), ref)
+    assert_same_set(Run(cfg).synthetic_dir("killed-actor"), ref)
 
 
 NODE_LOSS = r'''
@@ -63,7 +65,8 @@ logging.basicConfig(level=logging.INFO)
 import ray
 from ray.cluster_utils import Cluster
 from raysd.config import flatten, load_config
-from raysd.generation import generate_set, resolve_spec
+from raysd.stages.generate import generate_set
+from raysd.run.generators import resolve_spec
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
 workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
 ray.init(address=cluster.address)
@@ -80,7 +83,7 @@ def remove_a_node():
     cluster.remove_node(workers[0])
     state["removed"] = True
 threading.Thread(target=remove_a_node, daemon=True).start()
-spec = resolve_spec(cfg, guidance_scale=2.0)
+spec = resolve_spec(Run(cfg), guidance_scale=2.0)
 try:
     generate_set(cfg, out, num_images=n, class_balance="real", spec=spec)
     state["first_try"] = "completed"
@@ -97,7 +100,7 @@ cluster.shutdown()
 def test_node_removed_mid_generation(gen_run, private_ray_env):
     cfg, ref = gen_run
     env, _ = private_ray_env
-    out = runs.synthetic_dir(cfg, "node-loss")
+    out = Run(cfg).synthetic_dir("node-loss")
     r = subprocess.run([sys.executable, "-c", NODE_LOSS, cfg.run_dir, out, str(N)], env=env, capture_output=True,
                        text=True, timeout=600, cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -174,7 +177,7 @@ def test_tune_trial_killed_retries_and_the_search_ends_with_the_planned_trials(t
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "fired-trial_epoch_2").exists()
-    with open(Path(runs.search_dir(cfg, 1)) / "trials.csv") as f:
+    with open(Path(Run(cfg).search_dir(1)) / "trials.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 and len({row["trial_id"] for row in rows}) == 3
-    assert json.loads((Path(runs.search_dir(cfg, 1)) / "best.json").read_text())["num_trials"] == 3
+    assert json.loads((Path(Run(cfg).search_dir(1)) / "best.json").read_text())["num_trials"] == 3

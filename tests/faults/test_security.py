@@ -10,13 +10,15 @@ import pytest
 import torch
 
 from conftest import write_cifar10_layout
-from raysd import checkpoints as ck
-from raysd import sets, storage
+from raysd.data import checkpoints as ck
+from raysd.data import imageset as sets
+from raysd.data import storage
 from raysd.cli import main
 from raysd.errors import RaysdError
-from raysd.export import class_folder
-from raysd.models.diffusion import build_tiny, load_base_model, save_base_model
-from raysd.verify import verify_run
+from raysd.run.export import class_folder
+from raysd.core.models.diffusion import build_tiny
+from raysd.data.models import load_base_model, save_base_model
+from raysd.run.verify import verify_run
 
 
 @pytest.mark.parametrize("name", ["../escape.parquet", "/etc/passwd", "a/../../b", "..", "", "sub/x.parquet"])

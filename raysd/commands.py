@@ -1,0 +1,193 @@
+"""The ``raysd`` commands: each builds a Config from its flags (:func:`config_from_args`) and calls
+one stage or run-directory function. Parsing and exit codes are in :mod:`raysd.cli`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from raysd.errors import RaysdError
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    """Defaults < preset < saved run config < --config < named flags and --set."""
+    from raysd import config as C
+    from raysd.data import storage
+
+    overrides = C.parse_set_flags(args.set)
+    for flag, key in (("dataset", "dataset.name"), ("data_dir", "dataset.data_dir"),
+                      ("base_model", "model.base_model"), ("seed", "seed"), ("run_dir", "run_dir")):
+        if getattr(args, flag, None) is not None:
+            overrides[key] = getattr(args, flag)
+    saved = None
+    run_dir = overrides.get("run_dir")
+    if run_dir and storage.exists(storage.join(run_dir, "config.json")):
+        saved = storage.read_json(storage.join(run_dir, "config.json"))
+    preset = args.preset or (saved or {}).get("preset") or "demo"
+    kept = {k: v for k, v in saved.items() if k != "preset"} if saved and saved.get("preset") == preset else {}
+    return C.load_config(preset, file=args.config, overrides={**C.flatten(kept), **overrides})
+
+
+def _require_run(cfg: Any, command: str) -> None:
+    """Commands that continue a run (finetune, generate, search) need one: refuse before any work."""
+    from raysd.data import storage
+
+    if not storage.exists(storage.join(cfg.run_dir, "config.json")):
+        raise RaysdError(f"{command}: {cfg.run_dir} holds no raysd run (no config.json); start one with "
+                         "`raysd train-encoder --run DIR` or `raysd run --out DIR`")
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from raysd.stages.prepare import prepare_dataset
+
+    metas = prepare_dataset(args.dataset, args.out, data_dir=args.data_dir, download=not args.no_download)
+    for split, m in metas.items():
+        print(f"{split}: {m['num_rows']} images, {m['num_classes']} classes, counts {m['counts_per_class']}")
+    return 0
+
+
+def cmd_train_encoder(args: argparse.Namespace) -> int:
+    from raysd.stages.train import train
+
+    cfg = config_from_args(args)
+    epochs = train(cfg, "encoder", restart=args.restart)
+    print(f"class-encoder checkpoints: epochs {epochs} in {cfg.run_dir}/checkpoints/encoder")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from raysd.stages.train import train
+
+    cfg = config_from_args(args)
+    _require_run(cfg, "finetune")
+    epochs = train(cfg, "unet", encoder_epoch=args.encoder_epoch, restart=args.restart)
+    print(f"unet checkpoints: epochs {epochs} in {cfg.run_dir}/checkpoints/unet")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from raysd.data import storage
+    from raysd.run.generators import resolve_spec
+    from raysd.run.rundir import Run
+    from raysd.stages.generate import generate_set
+    from raysd.stages.prepare import ensure_prepared
+
+    cfg = config_from_args(args)
+    _require_run(cfg, "generate")
+    if args.name is not None and (not args.name or "/" in args.name or "\\" in args.name or args.name.startswith(".")):
+        raise RaysdError(f"generate: --name {args.name!r} must be a plain folder name (it goes under RUN/synthetic)")
+    if args.scale is None and args.num_images is None:
+        raise RaysdError("generate: give --scale K (K times the real training set) or --num-images N")
+    run = Run(cfg)
+    ensure_prepared(run)
+    n = args.num_images if args.num_images is not None else args.scale * run.num_train
+    name = args.name or (f"x{args.scale}" if args.scale is not None else f"n{n}")
+    spec = resolve_spec(run, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                        encoder_epoch=args.encoder_epoch, unet_epoch=args.unet_epoch, scheduler=args.scheduler)
+    out = run.synthetic_dir(name)
+    meta = generate_set(cfg, out, num_images=n, class_balance=args.class_balance or cfg.scale.class_balance,
+                        spec=spec, restart=args.restart)
+    print(f"{storage.local_path(out)}: {meta['num_rows']} images, counts per class {meta['counts_per_class']}")
+    return 0
+
+
+CAS_KEYS = ("train", "num_images", "top1", "top5", "best_epoch", "epochs_run", "best_val_top1", "seconds", "device",
+            "per_class_accuracy", "confusion")
+
+
+def cmd_cas(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from raysd.data import storage
+    from raysd.run.rundir import Run
+    from raysd.stages.evaluate import cas_of_set, check_compatible, real_splits_from_dataset
+    from raysd.stages.prepare import ensure_prepared
+
+    cfg = config_from_args(args)
+    if args.run_dir:
+        run = Run(cfg)
+        ensure_prepared(run)
+        train_dir = run.split_dir("train") if args.train == "real" else args.train
+        val = test = num_classes = None
+        check_compatible(train_dir, run.num_classes, tuple(run.meta("val")["image_shape"]))
+    else:
+        if args.train == "real":
+            raise RaysdError("cas: --train real needs --run RUN (the run's prepared real data)")
+        val, test, num_classes = real_splits_from_dataset(cfg.dataset.name, cfg.dataset.data_dir, cfg.dataset.download)
+        check_compatible(args.train, num_classes, tuple(val[0].shape[1:]))
+        train_dir = args.train
+    score = cas_of_set(cfg, train_dir, val=val, test=test, num_classes=num_classes, variant=args.variant)
+    result = {k: v for k, v in dataclasses.asdict(score).items() if k in CAS_KEYS}
+    result.update(dataset=cfg.dataset.name, variant=args.variant or cfg.cas.variant)
+    if args.out:
+        storage.write_bytes_atomic(args.out, (json.dumps(result, indent=2) + "\n").encode())
+    print(json.dumps({k: v for k, v in result.items() if k not in ("confusion", "per_class_accuracy")}, indent=2))
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from raysd.stages.search import search
+
+    for flag, key in (("num_trials", "search.num_trials"), ("scheduler", "search.scheduler"),
+                      ("objective", "search.objective")):
+        if getattr(args, flag) is not None:
+            args.set.append(f"{key}={getattr(args, flag)}")
+    cfg = config_from_args(args)
+    _require_run(cfg, "search")
+    best = search(cfg, args.phase, restart=args.restart).to_json()
+    print(json.dumps({k: best[k] for k in ("phase", "num_inference_steps", "guidance_scale", "epoch", "encoder_epoch",
+                                           "unet_epoch", "cas", "eval_split", "test_top1", "test_top5",
+                                           "num_trials")}, indent=2))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from raysd import pipeline
+    from raysd.data import storage
+
+    if args.run_dir is None:
+        preset = args.preset or "demo"
+        args.run_dir = f"runs/{preset}-{(args.dataset or ('digits' if preset == 'demo' else 'cifar10')).replace(':', '_')}"
+    if args.resume and not storage.exists(storage.join(args.run_dir, "manifest.json")):
+        raise RaysdError(f"run: --resume given but {args.run_dir} holds no run (no manifest.json)")
+    cfg = config_from_args(args)
+    results = pipeline.run(cfg, until=args.until)
+    if results:
+        line = ", ".join(f"{k} {100 * v['top1']:.1f}%" for k, v in results["scaling"].items())
+        print(f"CAS top-1 on the real test split: {line}")
+        print(f"report: {storage.join(cfg.run_dir, 'report.html')}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from raysd.run.report import write_report
+
+    print(write_report(args.run_path)["report_html"])
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from raysd.run.export import export_set
+
+    out = export_set(args.set_dir, args.format, args.out)
+    print(f"{out['out']}: {out['num_rows']} images as {out['format']}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from raysd.config.reference import reference_markdown
+
+    if args.reference:
+        print(reference_markdown())
+        return 0
+    print(json.dumps(config_from_args(args).to_dict(), indent=2))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from raysd.run.verify import format_report, report_json, verify_run
+
+    rep = verify_run(args.run_path)
+    print(report_json(rep) if args.json else format_report(args.run_path, rep))
+    return 0 if rep.ok else 1

@@ -1,0 +1,246 @@
+"""The configuration's schema: a tree of dataclasses whose fields carry their help text and their
+rule in field metadata, so validation and the README's reference come from one table.
+
+The defaults are the paper's settings (DESIGN.md section 1); presets (data, in ``presets.py``)
+change a few keys. A rule's bounds may name another key (``le="model.num_train_timesteps"``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+Bound = float | str | None  # a number, or the dotted key of another setting
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Inclusive (ge/le) or exclusive (gt/lt) bounds; ``optional``: None is allowed;
+    ``check(value, cfg) -> bool`` with ``text`` for what bounds cannot say."""
+
+    ge: Bound = None
+    gt: Bound = None
+    le: Bound = None
+    lt: Bound = None
+    optional: bool = False
+    check: Callable[[Any, Any], bool] | None = None
+    text: str | None = None
+
+
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Callable[[], Any] | None = None,  # noqa: A002
+            **rule: Any) -> Any:
+    """A config field with its help text and rule (see :class:`Rule`)."""
+    md = {"help": help, "rule": Rule(**rule) if rule else None}
+    if factory is not None:
+        return field(default_factory=factory, metadata=md)
+    return field(default=default, metadata=md)
+
+
+def section(factory: Callable[[], Any], help: str = "") -> Any:  # noqa: A002
+    return field(default_factory=factory, metadata={"help": help, "rule": None})
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+
+REGISTERED_DATASETS = ("cifar10", "cifar100", "pathmnist", "dermamnist", "bloodmnist", "retinamnist", "digits")
+MAX_GUIDANCE = 100.0  # UGS above this is not guidance any more; one bound for the config and the CLI
+
+
+def _dataset_name_ok(name: str, cfg: Any) -> bool:
+    return name in REGISTERED_DATASETS or name.startswith(("npz:", "folder:"))
+
+
+def _nonblank(value: str, cfg: Any) -> bool:
+    return bool(value.strip())
+
+
+def _scales_ok(value: list[int], cfg: Any) -> bool:
+    return len(value) >= 1 and all(1 <= x <= 1000 for x in value)
+
+
+@dataclass
+class DatasetConfig:
+    """Which real dataset: a registered name, ``npz:PATH`` or ``folder:PATH``."""
+
+    name: str = setting("cifar10", "registered name (cifar10, cifar100, pathmnist, dermamnist, bloodmnist, retinamnist, "
+                        "digits), npz:PATH or folder:PATH", check=_dataset_name_ok,
+                        text="a registered dataset, npz:PATH or folder:PATH")
+    data_dir: str | None = setting(None, "where the raw files live (torchvision / medmnist layout)")
+    download: bool = setting(True, "fetch through torchvision / medmnist when absent (needs internet)")
+
+
+@dataclass
+class ModelConfig:
+    """The base diffusion model and the Class-Encoder built on it."""
+
+    base_model: str = setting("stabilityai/stable-diffusion-2-base", "hub id or local diffusers directory; tiny / "
+                              "tiny-vae / random:sd2-base / random:sd-v1 build random models offline",
+                              check=_nonblank, text="a hub id, a directory or 'tiny'")
+    seq_len: int = setting(77, "L, the context length the Class-Encoder emits (SD2: 77; released code: 100)",
+                           ge=1, le=1024)
+    resolution: int = setting(128, "px fed to SD: 32/28 px images upsampled to this (16x16 latents)", ge=8, le=1024,
+                              check=lambda v, c: v % 8 == 0, text="a multiple of 8 in [8, 1024]")
+    hidden_dim: int = setting(500, "Class-Encoder's hidden width (paper: 500)", ge=1)
+    null_class: bool = setting(False, "learned null class + label dropout (CFG training, not in the paper)")
+    label_dropout: float = setting(0.1, "probability of the null class while training, when null_class", ge=0, lt=1)
+    beta_start: float = setting(0.00085, "scaled_linear noise schedule start", gt=0, lt=1)
+    beta_end: float = setting(0.012, "scaled_linear noise schedule end", gt="model.beta_start", lt=1)
+    num_train_timesteps: int = setting(1000, "diffusion training timesteps T", ge=2)
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = setting("auto", "auto: bf16 on GPU, fp32 on CPU")
+    tiny_decoder: str | None = setting(None, "AutoencoderTiny (TAESD) hub id or directory decoding instead of the VAE; "
+                                       "CAS effect unmeasured")
+    pretrain_steps: int = setting(0, "unconditional pretraining steps of a randomly initialised base (demo only; "
+                                  "0 = use the weights as loaded)", ge=0)
+    pretrain_batch_size: int = setting(64, "batch of that pretraining", ge=1)
+    pretrain_lr: float = setting(1e-3, "learning rate of that pretraining", gt=0)
+
+
+@dataclass
+class TrainStepConfig:
+    """Step 1 (Class-Encoder) or step 3 (UNet fine-tuning): AdamW + cosine decay per step."""
+
+    epochs: int = setting(50, "epochs; one checkpoint per epoch, all kept for the searches", ge=1)
+    global_batch_size: int = setting(64, "images per optimizer step, split across workers", ge=1)
+    lr: float = setting(1e-4, "peak learning rate, cosine-decayed to 0 per step", gt=0)
+    weight_decay: float = setting(4e-3, "decoupled (AdamW)", ge=0)
+    grad_clip_norm: float = setting(10.0, "global norm", gt=0)
+    steps_per_epoch: int | None = setting(None, "None: one pass over the train split; N: exactly N steps (data cycled)",
+                                          ge=1, optional=True)
+    checkpoint_dtype: Literal["fp32", "bf16"] = setting("fp32", "dtype of the saved weights (bf16 halves a UNet "
+                                                        "checkpoint)")
+
+
+def _finetune_defaults() -> TrainStepConfig:
+    return TrainStepConfig(epochs=10, global_batch_size=16, lr=1e-5)
+
+
+@dataclass
+class SamplingConfig:
+    """Defaults of the guided sampler (the searches override IS and UGS)."""
+
+    scheduler: Literal["ddim", "dpmpp", "unipc"] = setting("ddim", "ddim (eta 0, the released code), DPM-Solver++ or "
+                                                           "UniPC")
+    num_inference_steps: int = setting(50, "IS; for ddim the released code's spacing (IS=31 -> 32 steps)", ge=1,
+                                       le="model.num_train_timesteps")
+    guidance_scale: float = setting(7.5, "UGS", ge=0, le=MAX_GUIDANCE)
+    batch_size: int = setting(256, "images per sampler call; halved and retried on CUDA out-of-memory", ge=1)
+    compile: bool = setting(False, "torch.compile the UNet and VAE decoder (static shapes: batches padded to "
+                            "batch_size)")
+    fuse_qkv: bool = setting(False, "fuse the attention Q/K/V projections into one matmul (diffusers)")
+
+
+@dataclass
+class CasConfig:
+    """ResNet20 CAS protocol of the paper's released code."""
+
+    variant: Literal["paper", "standard"] = setting("paper", "paper: the released code's wide ResNet20 (4.29 M "
+                                                    "params); standard: He et al.'s (0.27 M)")
+    max_epochs: int = setting(100, "epoch limit (also the search schedulers' max_t)", ge=1)
+    batch_size: int = setting(256, "training batch", ge=1)
+    min_steps_per_epoch: int = setting(0, "> 0: smaller batches for small sets (batch <= N / this); 0: batch_size "
+                                       "always", ge=0)
+    lr: float = setting(1e-3, "Adam learning rate", gt=0)
+    eps: float = setting(1e-7, "Keras' Adam epsilon", gt=0)
+    label_smoothing: float = setting(0.1, "cross-entropy label smoothing", ge=0, lt=1)
+    plateau_factor: float = setting(0.1, "ReduceLROnPlateau factor (on val accuracy)", gt=0, lt=1)
+    plateau_patience: int = setting(10, "ReduceLROnPlateau patience, epochs", ge=0)
+    min_lr: float = setting(1e-5, "ReduceLROnPlateau floor", ge=0, le="cas.lr")
+    early_stopping_patience: int = setting(25, "epochs without val improvement before stopping (best weights "
+                                           "restored)", ge=1)
+    eval_batch_size: int = setting(1024, "batch for val/test evaluation", ge=1)
+    compile: bool = setting(False, "torch.compile the classifier (worth it on a GPU for the 100-epoch protocol)")
+
+
+@dataclass
+class SearchConfig:
+    """Steps 2 and 4: TPE + Hyperband over IS, UGS and the checkpoint epoch."""
+
+    num_trials: int = setting(50, "trials per search phase", ge=1)
+    num_images: int = setting(4000, "generated per trial, class-balanced", ge=1)
+    scheduler: Literal["hyperband", "asha"] = setting("hyperband", "trial scheduler; time unit = classifier epoch")
+    objective: Literal["val", "test"] = setting("val", "\"test\" reproduces the paper (leaks the test set)")
+    min_inference_steps: int = setting(5, "lower bound of IS (inclusive)", ge=1, le="model.num_train_timesteps")
+    max_inference_steps: int = setting(50, "upper bound of IS in phase 1 (phase 2: IS*)",
+                                       ge="search.min_inference_steps", le="model.num_train_timesteps")
+    max_guidance_scale: float = setting(7.5, "upper bound of UGS in phase 1 (phase 2: 2 UGS*)", ge=0, le=MAX_GUIDANCE)
+    reduction_factor: int = setting(3, "HyperBand/ASHA eta", ge=2)
+    grace_period: int = setting(1, "ASHA: epochs before a trial may be stopped", ge=1)
+    max_concurrent_trials: int | None = setting(None, "None: as many as the resources allow", ge=1, optional=True)
+
+
+@dataclass
+class ScaleConfig:
+    """Step 5: datasets of k times the real training-set size."""
+
+    scales: list[int] = setting(help="k of the x1..xK datasets; the largest is generated, the others are stratified "
+                                "prefixes", factory=lambda: list(range(1, 11)), check=_scales_ok,
+                                text="a non-empty list of integers in [1, 1000]")
+    class_balance: Literal["real", "uniform"] = setting("real", "per-class counts: the real train split's proportions "
+                                                        "or uniform")
+    shard_size: int = setting(1024, "sample_ids per Parquet shard (the unit of resumption)", ge=1)
+    keep_full_resolution: bool = setting(False, "also store the 128 px images")
+
+
+@dataclass
+class ResourcesConfig:
+    """Where work runs. ``device="auto"`` uses CUDA when the cluster has GPUs."""
+
+    device: Literal["auto", "cpu", "cuda"] = setting("auto", "auto: CUDA when the cluster has GPUs")
+    num_workers: int = setting(1, "Ray Train workers (data parallel)", ge=1)
+    gpus_per_worker: float = setting(1.0, "GPUs per Ray Train worker", ge=0)
+    cpus_per_worker: float = setting(1.0, "CPUs per Ray Train worker", ge=0)
+    torch_threads: int | None = setting(None, "CPU threads per worker/trial; None: its CPU reservation", ge=1,
+                                        optional=True)
+    gpus_per_trial: float = setting(1.0, "Ray Tune trial resources; fractional GPUs allowed", ge=0)
+    cpus_per_trial: float = setting(1.0, "CPUs per Ray Tune trial", ge=0)
+    generation_actors: int | None = setting(None, "max size of the generation actor pool; None: all GPUs", ge=1,
+                                            optional=True)
+    max_failures: int = setting(3, "Ray Train / Tune retries of a failed worker or trial (from its checkpoint)", ge=0)
+    shared_storage: bool = setting(False, "a local run_dir is on a filesystem every node mounts at that path")
+
+
+@dataclass
+class Config:
+    """The whole run. Build with :func:`raysd.config.load_config`, not by hand."""
+
+    preset: Literal["demo", "paper", "official"] = setting("paper", "the preset these values started from")
+    seed: int = setting(0, "run seed: data order, per-sample generation seeds, classifier init, searches", ge=0)
+    run_dir: str = setting("runs/raysd", "run directory: local path or URI (s3://, gs://) shared by all nodes",
+                           check=_nonblank, text="a directory path or URI")
+    dataset: DatasetConfig = section(DatasetConfig)
+    model: ModelConfig = section(ModelConfig)
+    encoder: TrainStepConfig = section(TrainStepConfig, "step 1")
+    finetune: TrainStepConfig = section(_finetune_defaults, "step 3")
+    sampling: SamplingConfig = section(SamplingConfig)
+    cas: CasConfig = section(CasConfig)
+    search: SearchConfig = section(SearchConfig)
+    scale: ScaleConfig = section(ScaleConfig)
+    resources: ResourcesConfig = section(ResourcesConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def hash(self, *sections: str) -> str:
+        """Stable hash of the whole config, or of the named top-level sections only."""
+        d = self.to_dict()
+        if sections:
+            d = {k: d[k] for k in sections}
+        return fingerprint(d)
+
+
+def fingerprint(obj: Any) -> str:
+    """The one identity function of raysd: 16 hex digits of SHA-256 over canonical JSON.
+
+    Stage keys, set and search fingerprints, training hashes and the config hash all use it."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def get(cfg: Config, key: str) -> Any:
+    obj: Any = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj

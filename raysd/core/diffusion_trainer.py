@@ -1,0 +1,216 @@
+"""Diffusion training steps, plain PyTorch (the Ray Train stage wraps this).
+
+Three kinds share one loop, differing in which module trains and where the context comes from:
+
+* ``encoder`` (step 1): only the Class-Encoder trains; gradients flow through the frozen UNet;
+* ``unet`` (step 3): only the UNet trains; the Class-Encoder is frozen at the chosen epoch;
+* ``pretrain`` (offline demo only): the tiny UNet learns to denoise with a label-free,
+  caption-like context (a fixed random projection of each image's PCA coefficients), standing
+  in for SD's caption pretraining, which taught its cross-attention to read a context.
+
+Objective (DESIGN.md section 1): epsilon-prediction MSE; t ~ U{0..T-1}; x_t = sqrt(abar_t) x0 +
+sqrt(1 - abar_t) eps; x0 drawn from the cached VAE posterior times the scaling factor.
+AdamW, global grad-norm clip, cosine decay per step from lr to 0.
+
+Determinism: the data order of epoch e is a permutation seeded by (seed, kind, e); every
+random draw of a step comes from a generator seeded by (seed, kind, epoch, rank). So a run
+resumed at an epoch boundary continues exactly as if it had not stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from raysd.config import TrainStepConfig
+from raysd.core.models.class_encoder import ClassEncoder
+from raysd.core.models.diffusion import NoiseSchedule
+from raysd.core.seeds import derive_seed
+
+Kind = Literal["encoder", "unet", "pretrain"]
+PCA_COMPONENTS = 8
+
+
+@dataclass
+class TrainData:
+    """The training split as device tensors, rows ordered by sample_id."""
+
+    labels: torch.Tensor  # (N,) int64
+    mean: torch.Tensor  # (N, C, h, w) posterior mean (unscaled latents, or pixels in [-1, 1])
+    logvar: torch.Tensor | None  # (N, C, h, w), None in pixel space
+    captions: "CaptionContext | None" = None  # pretraining only: the label-free context per sample
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def steps_per_epoch(n: int, cfg: TrainStepConfig) -> int:
+    """One pass over the data (full batches), unless the config sets a step count."""
+    return cfg.steps_per_epoch or max(1, n // cfg.global_batch_size)
+
+
+def cosine_factor(total_steps: int) -> Callable[[int], float]:
+    """LambdaLR factor: cosine decay from 1 at step 0 to 0 at ``total_steps``."""
+    return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps)))
+
+
+@dataclass
+class CaptionContext:
+    """Pretraining's stand-in for captions: per-sample codes (N, k) and a fixed projection
+    (k, L*D) to a (L, D) context."""
+
+    codes: torch.Tensor
+    proj: torch.Tensor
+    seq_len: int
+    dim: int
+
+    def to(self, device: torch.device) -> "CaptionContext":
+        return CaptionContext(self.codes.to(device), self.proj.to(device), self.seq_len, self.dim)
+
+    def context(self, idx: torch.Tensor) -> torch.Tensor:
+        return (self.codes[idx] @ self.proj).view(len(idx), self.seq_len, self.dim)
+
+
+@dataclass
+class TrainerConfig:
+    """What a :class:`DiffusionTrainer` needs besides its modules and data."""
+
+    kind: Kind
+    step: TrainStepConfig  # epochs, batch, lr, weight decay, clip, steps per epoch
+    schedule: NoiseSchedule
+    scaling_factor: float = 1.0  # VAE latent scaling (SD: 0.18215); 1 in pixel space
+    seed: int = 0
+    rank: int = 0  # data-parallel position (Ray Train world rank) and size
+    world: int = 1
+    label_dropout: float = 0.0  # null-class substitution probability (CFG training)
+    autocast_dtype: torch.dtype | None = None  # bf16/fp16 autocast on CUDA; None: fp32
+
+
+def pca_context_projection(mean: torch.Tensor, seq_len: int, dim: int, seed: int) -> CaptionContext:
+    """Per-sample caption-like codes: the first PCA coefficients (unit variance) of each
+    image, and a fixed random projection to a (seq_len, dim) context. Label-free."""
+    x = mean.reshape(len(mean), -1).double()
+    x = x - x.mean(0, keepdim=True)
+    cov = x.T @ x / max(1, len(x) - 1)
+    evals, evecs = torch.linalg.eigh(cov)  # ascending
+    k = min(PCA_COMPONENTS, x.shape[1])
+    top = evecs[:, -k:].flip(1)
+    top = top * torch.sign(top[top.abs().argmax(0), torch.arange(k)])  # fixed sign per component
+    codes = (x @ top) / evals[-k:].flip(0).clamp_min(1e-12).sqrt()
+    g = torch.Generator().manual_seed(seed)
+    proj = torch.randn(k, seq_len * dim, generator=g, dtype=torch.float64) / math.sqrt(k)
+    return CaptionContext(codes.float(), proj.float(), seq_len, dim)
+
+
+class DiffusionTrainer:
+    """One kind of diffusion training over in-memory data; one epoch per :meth:`run_epoch`.
+
+    ``wrap`` wraps the trained module for data parallelism (Ray Train's DDP); the unwrapped one
+    stays in ``.trainable`` (its state_dict is what checkpoints store)."""
+
+    def __init__(self, cfg: TrainerConfig, *, unet: torch.nn.Module, encoder: ClassEncoder | None, data: TrainData,
+                 device: torch.device, wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None):
+        self.cfg, self.data, self.device = cfg, data, device
+        self.acp = cfg.schedule.alphas_cumprod().float().to(device)
+        self.T = cfg.schedule.num_train_timesteps
+        self.unet, self.encoder = unet, encoder
+        trainable = encoder if cfg.kind == "encoder" else unet
+        for m in (unet, encoder):
+            if m is not None and m is not trainable:
+                m.requires_grad_(False)
+                m.eval()
+        trainable.requires_grad_(True)
+        trainable.train()
+        self.trainable = trainable
+        self.model = wrap(trainable) if wrap is not None else trainable
+        if cfg.kind == "encoder":
+            self.encoder_fn, self.unet_fn = self.model, unet
+        else:
+            self.encoder_fn, self.unet_fn = encoder, self.model
+        self.params = [p for p in trainable.parameters() if p.requires_grad]
+        step = cfg.step
+        self.opt = torch.optim.AdamW(self.params, lr=step.lr, betas=(0.9, 0.999), eps=1e-7,
+                                     weight_decay=step.weight_decay)
+        self.steps_per_epoch = steps_per_epoch(len(data), step)
+        self.total_steps = self.steps_per_epoch * step.epochs
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, cosine_factor(self.total_steps))
+        self.step = 0
+        self.captions = data.captions.to(device) if data.captions is not None else None
+
+    # -- one step ------------------------------------------------------------------------------
+
+    def _context(self, idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        if self.captions is not None:
+            return self.captions.context(idx)
+        labels = self.data.labels[idx]
+        assert self.encoder is not None
+        onehot = self.encoder.training_input(labels, self.cfg.label_dropout, g)
+        if self.cfg.kind == "encoder":
+            return self.encoder_fn(onehot)
+        with torch.no_grad():
+            return self.encoder_fn(onehot)
+
+    def _x0(self, idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        mean = self.data.mean[idx]
+        if self.data.logvar is None:
+            return mean
+        noise = torch.randn(mean.shape, generator=g, device="cpu").to(self.device)
+        return (mean + torch.exp(0.5 * self.data.logvar[idx].clamp(-30, 20)) * noise) * self.cfg.scaling_factor
+
+    def train_step(self, idx: torch.Tensor, g: torch.Generator) -> float:
+        x0 = self._x0(idx, g)
+        t = torch.randint(0, self.T, (len(idx),), generator=g, device="cpu").to(self.device)
+        eps = torch.randn(x0.shape, generator=g, device="cpu").to(self.device)
+        a = self.acp[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1.0 - a).sqrt() * eps
+        dtype = self.cfg.autocast_dtype
+        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            ctx = self._context(idx, g)
+            pred = self.unet_fn(x_t, t, encoder_hidden_states=ctx.to(x_t.dtype)).sample
+        loss = F.mse_loss(pred.float(), eps)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.step.grad_clip_norm)
+        self.opt.step()
+        self.sched.step()
+        self.step += 1
+        return float(loss.detach())
+
+    # -- one epoch -----------------------------------------------------------------------------
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, self.cfg.kind, "order", epoch))
+        return torch.randperm(len(self.data), generator=g)
+
+    def run_epoch(self, epoch: int) -> dict[str, float]:
+        """Train epoch ``epoch`` (1-based); returns this worker's mean loss, images and seconds."""
+        t0 = time.perf_counter()
+        order = self.epoch_order(epoch)
+        c = self.cfg
+        g = torch.Generator().manual_seed(derive_seed(c.seed, c.kind, "steps", epoch, c.rank))
+        b = c.step.global_batch_size
+        losses = []
+        images = 0
+        for s in range(self.steps_per_epoch):
+            idx_range = torch.arange(s * b, (s + 1) * b) % len(order)  # steps beyond one pass cycle the data
+            batch = order[idx_range]
+            idx = batch[c.rank :: c.world].to(self.device)
+            losses.append(self.train_step(idx, g))
+            images += len(idx)
+        return {"loss": float(np.mean(losses)), "images": images, "seconds": time.perf_counter() - t0}
+
+    # -- resume state --------------------------------------------------------------------------
+
+    def resume_state(self) -> dict[str, Any]:
+        return {"step": self.step, "lr_schedule": self.sched.state_dict()}
+
+    def load_resume(self, optimizer_state: dict[str, Any], extra: dict[str, Any]) -> None:
+        self.opt.load_state_dict(optimizer_state)
+        self.sched.load_state_dict(extra["lr_schedule"])
+        self.step = int(extra["step"])

@@ -1,0 +1,183 @@
+"""The diffusion base: SD's UNet and VAE (diffusers modules), the noise schedule, and builders of
+the random-weight models (``tiny``, ``tiny-vae``, ``random:sd2-base``, ``random:sd-v1``).
+
+Only ``UNet2DConditionModel``, ``AutoencoderKL`` and the noise schedule are used; the text
+encoder and tokenizer are never loaded (the Class-Encoder replaces them). Without a VAE the UNet
+works on pixels in [-1, 1] directly. Loading weights from a hub id or a directory is data I/O:
+:mod:`raysd.data.models`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+TINY = ("tiny", "tiny-vae")
+# The real architectures with random weights (timing and memory checks; no download needed).
+RANDOM = ("random:sd2-base", "random:sd-v1")
+
+
+@dataclass
+class NoiseSchedule:
+    """DDPM training schedule (SD's): scaled_linear betas, epsilon prediction."""
+
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    num_train_timesteps: int = 1000
+
+    def betas(self) -> torch.Tensor:
+        # scaled_linear: linear in sqrt(beta), as SD and diffusers define it (float64 for accuracy)
+        return torch.linspace(self.beta_start**0.5, self.beta_end**0.5, self.num_train_timesteps, dtype=torch.float64) ** 2
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        return torch.cumprod(1.0 - self.betas(), dim=0)
+
+    def diffusers_config(self) -> dict[str, Any]:
+        return {"num_train_timesteps": self.num_train_timesteps, "beta_start": self.beta_start,
+                "beta_end": self.beta_end, "beta_schedule": "scaled_linear", "prediction_type": "epsilon"}
+
+
+@dataclass
+class BaseModel:
+    """A UNet (and VAE, unless pixel space) plus what the stages need to know about them."""
+
+    unet: Any  # diffusers.UNet2DConditionModel
+    vae: Any | None  # diffusers.AutoencoderKL, None in pixel space
+    resolution: int  # pixel size of the images the model sees
+    source: str
+    tiny_decoder: Any | None = None  # diffusers.AutoencoderTiny decoding in place of the VAE (an option)
+
+    @property
+    def cross_attention_dim(self) -> int:
+        d = self.unet.config.cross_attention_dim
+        return int(d[0] if isinstance(d, (list, tuple)) else d)
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor) if self.vae is not None else 1.0
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        c = int(self.unet.config.in_channels)
+        if self.vae is None:
+            return (c, self.resolution, self.resolution)
+        down = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return (c, self.resolution // down, self.resolution // down)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "BaseModel":
+        if dtype == self.unet.dtype:
+            dtype = None  # diffusers warns on every dtype cast, also a no-op one
+        for m in (self.unet, self.vae):
+            if m is not None:
+                m.to(device=device, dtype=dtype) if dtype is not None else m.to(device=device)
+        return self
+
+    @torch.no_grad()
+    def encode_posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images in [-1, 1] (N, 3, R, R) -> posterior (mean, logvar) of the latents (unscaled).
+
+        Pixel space: mean = x, logvar = -inf (a point mass, so sampling returns x exactly).
+        """
+        if self.vae is None:
+            return x, torch.full_like(x, float("-inf"))
+        dist = self.vae.encode(x.to(self.vae.dtype)).latent_dist
+        return dist.mean.float(), dist.logvar.float()
+
+    def sample_latents(self, mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Draw latents from a cached posterior and scale them (x scaling_factor, SD: 0.18215)."""
+        if self.vae is None:
+            return mean
+        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))  # diffusers' DiagonalGaussianDistribution
+        noise = torch.randn(mean.shape, generator=generator, device=generator.device if generator else mean.device)
+        return (mean + std * noise.to(mean.device)) * self.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in [-1, 1] (float32)."""
+        if self.tiny_decoder is not None:  # TAESD reads SD's scaled latents as they are
+            return self.tiny_decoder.decode(latents.to(self.tiny_decoder.dtype)).sample.float().clamp(-1, 1)
+        if self.vae is None:
+            return latents.float()
+        return self.vae.decode(latents.to(self.vae.dtype) / self.scaling_factor).sample.float()
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny models (random init) for tests and the offline demo
+
+
+def tiny_unet_config(in_channels: int, sample_size: int, cross_attention_dim: int = 32) -> dict[str, Any]:
+    """About 1.7M parameters in pixel space: no cross-attention at full resolution (2x faster)."""
+    return dict(
+        sample_size=sample_size, in_channels=in_channels, out_channels=in_channels, layers_per_block=1,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=8,
+    )
+
+
+def tiny_vae_config() -> dict[str, Any]:
+    return dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                layers_per_block=1, norm_num_groups=8, sample_size=16, scaling_factor=0.18215)
+
+
+def build_tiny(kind: str, resolution: int, seed: int = 0) -> BaseModel:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    with torch.random.fork_rng(devices=[]):  # random init must not touch the caller's RNG state
+        torch.manual_seed(seed)
+        if kind == "tiny":
+            unet = UNet2DConditionModel(**tiny_unet_config(3, resolution))
+            vae = None
+        else:
+            vae = AutoencoderKL(**tiny_vae_config())
+            unet = UNet2DConditionModel(**tiny_unet_config(4, resolution // 2))
+    return BaseModel(unet=unet, vae=vae, resolution=resolution, source=kind)
+
+
+SD2_BASE_UNET_CONFIG: dict[str, Any] = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
+    norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0,
+)
+SD_VAE_CONFIG: dict[str, Any] = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=2, norm_num_groups=32, sample_size=512, scaling_factor=0.18215,
+)
+
+
+def build_random(spec: str, resolution: int, seed: int = 0) -> BaseModel:
+    """SD2-base (or SD v1: 768-d context, 8 heads) architecture with random weights."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    cfg = dict(SD2_BASE_UNET_CONFIG)
+    if spec == "random:sd-v1":
+        cfg.update(cross_attention_dim=768, attention_head_dim=8, use_linear_projection=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet, vae = UNet2DConditionModel(**cfg), AutoencoderKL(**SD_VAE_CONFIG)
+    return BaseModel(unet=unet, vae=vae, resolution=resolution, source=spec)
+
+
+def resolve_dtype(precision: str, device: torch.device | str) -> torch.dtype:
+    """'auto' -> bf16 on CUDA, fp32 elsewhere."""
+    dev = torch.device(device)
+    if precision == "auto":
+        return torch.bfloat16 if dev.type == "cuda" else torch.float32
+    if precision != "fp32" and dev.type != "cuda":
+        return torch.float32  # half precision on the CPU is slow and inexact: keep fp32 there
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]

@@ -1,0 +1,192 @@
+"""Search logic without Ray: the spaces of steps 2 and 4, one trial, and the study rebuilt from
+the trials' reports (for the best trial and fANOVA importances).
+
+A trial generates ``search.num_images`` class-balanced images with its (IS, UGS, epoch), trains
+ResNet20 on them with the CAS protocol and reports, every classifier epoch, ``cas``: the best
+accuracy so far on the evaluation split (val, or test for the paper's objective). Only that
+split is ever loaded by a trial.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from raysd.config import Config
+from raysd.errors import RaysdError
+
+PARAMS = ("num_inference_steps", "guidance_scale", "epoch")
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Inclusive bounds of the three searched parameters."""
+
+    min_inference_steps: int
+    max_inference_steps: int
+    max_guidance_scale: float
+    max_epoch: int
+    min_epoch: int = 1
+
+    def distributions(self) -> dict[str, Any]:
+        from optuna.distributions import FloatDistribution, IntDistribution
+
+        return {
+            "num_inference_steps": IntDistribution(self.min_inference_steps, self.max_inference_steps),
+            "guidance_scale": FloatDistribution(0.0, self.max_guidance_scale),
+            "epoch": IntDistribution(self.min_epoch, self.max_epoch),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def phase1_space(cfg: Config, last_encoder_epoch: int) -> SearchSpace:
+    s = cfg.search
+    return SearchSpace(s.min_inference_steps, s.max_inference_steps, s.max_guidance_scale, last_encoder_epoch)
+
+
+def phase2_space(cfg: Config, best1: dict[str, Any], last_unet_epoch: int) -> SearchSpace:
+    """IS in [5, IS*], UGS in [0, 2 UGS*] (IS*, UGS*: phase 1's best), UNet epoch in [1, last]."""
+    is_star, ugs_star = int(best1["num_inference_steps"]), float(best1["guidance_scale"])
+    lo = min(cfg.search.min_inference_steps, is_star)
+    return SearchSpace(lo, is_star, 2.0 * ugs_star, last_unet_epoch)
+
+
+@dataclass
+class TrialReport:
+    """What one trial reported, rebuilt from Tune's results."""
+
+    trial_id: str
+    params: dict[str, Any]
+    epochs_run: int
+    finished: bool  # ran the full CAS protocol (not stopped by the scheduler)
+    best_cas: float | None
+    last_cas: float | None
+    seconds: float
+    generation_seconds: float | None
+    images_per_second: float | None
+    status: str
+    error: str | None = None
+
+
+def run_trial(params: dict[str, Any], *, images_fn: Callable[[dict[str, Any]], tuple[Any, Any, float]],
+              eval_split: tuple[Any, Any], num_classes: int, cfg: Config, device: str,
+              report: Callable[[dict[str, Any], dict[str, Any]], None], restored: dict[str, Any] | None = None) -> None:
+    """One trial: images (cached by ``images_fn``), then classifier epochs, a report after each.
+
+    ``restored`` is a state from an earlier report of this trial (a paused or retried trial
+    continues where it stopped). ``report(metrics, state)`` receives the trainer state to save.
+    """
+    from raysd.core.cas import CasTrainer
+
+    images, labels, gen_seconds = images_fn(params)
+    trainer = CasTrainer((images, labels), eval_split, num_classes, cfg=cfg.cas, seed=cfg.seed, device=device)
+    if restored is not None:
+        trainer.load_state_dict(restored)
+    rate = len(labels) / gen_seconds if gen_seconds > 0 else None
+    while not trainer.done:
+        row = trainer.train_epoch()
+        metrics = {
+            "epoch": int(row["epoch"]), "cas": float(trainer.best_val), "epoch_cas": float(row["val_top1"]),
+            "train_loss": float(row["train_loss"]), "finished": bool(trainer.done),
+            "generation_seconds": float(gen_seconds), "images_per_second": rate,
+            "classifier_seconds": float(row["seconds"]),
+        }
+        report(metrics, trainer.state_dict())
+
+
+def trial_from_rows(trial_id: str, params: dict[str, Any], rows: list[dict[str, Any]], status: str,
+                    error: str | None = None) -> TrialReport:
+    cas = [r["cas"] for r in rows if r.get("cas") is not None and not _nan(r["cas"])]
+    last = rows[-1] if rows else {}
+    return TrialReport(
+        trial_id=trial_id, params={k: params[k] for k in PARAMS}, epochs_run=int(last.get("epoch", 0) or 0),
+        finished=bool(last.get("finished", False)), best_cas=max(cas) if cas else None,
+        last_cas=cas[-1] if cas else None, seconds=float(sum(r.get("classifier_seconds", 0.0) or 0.0 for r in rows)
+                                                        + (last.get("generation_seconds") or 0.0)),
+        generation_seconds=last.get("generation_seconds"), images_per_second=last.get("images_per_second"),
+        status=status, error=error)
+
+
+def _nan(x: Any) -> bool:
+    return isinstance(x, float) and math.isnan(x)
+
+
+def rebuild_study(trials: list[TrialReport], space: SearchSpace, seed: int):
+    """An optuna study with one COMPLETE trial per Tune trial that reported a value."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
+    dists = space.distributions()
+    for t in trials:
+        if t.best_cas is None:
+            continue
+        study.add_trial(optuna.trial.create_trial(params=t.params, distributions=dists, value=t.best_cas,
+                                                  user_attrs={"trial_id": t.trial_id, "finished": t.finished,
+                                                              "epochs_run": t.epochs_run}))
+    return study
+
+
+def best_trial(trials: list[TrialReport]) -> TrialReport:
+    """Highest CAS; a full-budget trial wins a tie; then the earliest trial."""
+    scored = [t for t in trials if t.best_cas is not None]
+    if not scored:
+        raise RaysdError("search: no trial reported a CAS value; see the trials' errors in trials.csv")
+    return max(scored, key=lambda t: (t.best_cas, t.finished))
+
+
+def importances(trials: list[TrialReport], space: SearchSpace, seed: int) -> dict[str, Any]:
+    """fANOVA importances (seeded), on the trials that ran the full budget when there are enough.
+
+    Trials stopped early by the scheduler report low-fidelity values; they are used only when
+    fewer than 3 trials finished, and the result says so.
+    """
+    import optuna
+    from optuna.importance import FanovaImportanceEvaluator
+
+    full = [t for t in trials if t.finished and t.best_cas is not None]
+    scored = [t for t in trials if t.best_cas is not None]
+    use, basis = (full, "full-budget trials") if len(full) >= 3 else (scored, "all trials (too few ran the full budget)")
+    values = {p: 0.0 for p in PARAMS}
+    if len(use) >= 2 and len({t.best_cas for t in use}) > 1:
+        study = rebuild_study(use, space, seed)
+        varying = [p for p in PARAMS if len({t.params[p] for t in use}) > 1]
+        if varying:
+            raw = optuna.importance.get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=seed),
+                                                          params=varying, normalize=True)
+            values.update({k: float(v) for k, v in raw.items()})
+    total = sum(values.values())
+    if total > 0:
+        values = {k: v / total for k, v in values.items()}
+    else:  # no signal (one trial, or all equal): no parameter explains anything; spread evenly
+        values = {k: 1.0 / len(PARAMS) for k in PARAMS}
+    return {"importances": values, "num_trials": len(use), "basis": basis, "evaluator": "fanova", "seed": seed}
+
+
+# --------------------------------------------------------------------------------------------
+# Where the schedulers may stop or pause a trial (checkpoint there)
+
+
+def hyperband_brackets(max_t: int, eta: int) -> dict[int, int]:
+    """{s: trials} of the brackets Ray's HyperBandScheduler builds (its own formulas)."""
+    s_max_1 = int(round(math.log(max_t) / math.log(eta))) + 1
+    return {s: int(math.ceil(s_max_1 / (s + 1) * eta**s)) for s in range(s_max_1) if int(max_t * eta ** (-s)) > 0}
+
+
+def milestones(cfg: Config) -> set[int]:
+    """Epochs where HyperBand or ASHA may pause or stop a trial (checkpoint there), every 10th, the last."""
+    eta, max_t, grace = cfg.search.reduction_factor, cfg.cas.max_epochs, cfg.search.grace_period
+    out = {max_t, *range(10, max_t + 1, 10)}
+    for s in hyperband_brackets(max_t, eta):  # HyperBand: r0 = int(max_t eta^-s), then r *= eta
+        r = int(max_t * eta ** (-s))
+        while r < max_t:
+            out.add(r)
+            r = int(min(r * eta, max_t))
+    g = grace  # ASHA rungs: grace * eta^k
+    while g < max_t:
+        out.add(int(g))
+        g *= eta
+    return {m for m in out if 1 <= m <= max_t}

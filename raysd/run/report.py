@@ -1,0 +1,293 @@
+"""``report.md`` and a self-contained ``report.html`` (PNG figures embedded) from results.json.
+
+Tables: the paper's Table 1 (CAS after each step) and Table 2 (real data vs x1..xK, with the
+paper's numbers beside ours for its six datasets); figures: fANOVA importances of both
+searches, CAS against scale with the real-data line, generated samples per class next to real
+ones, per-class accuracy and a confusion matrix for every CAS, stage timings.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from typing import Any
+
+import numpy as np
+
+from raysd.config import Config, config_from_dict
+from raysd.data import imageset, storage
+from raysd.errors import RaysdError
+from raysd.run.rundir import Run
+
+PARAM_NAMES = {"num_inference_steps": "IS", "guidance_scale": "UGS", "epoch": "epoch"}
+
+
+def _cfg(run_dir: str) -> Config:
+    path = storage.join(run_dir, "config.json")
+    if not storage.exists(path):
+        raise RaysdError(f"report: {run_dir} is not a raysd run (no config.json)")
+    return config_from_dict(storage.read_json(path))
+
+
+def _png(fig) -> bytes:  # noqa: ANN001
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.2f}"
+
+
+# --------------------------------------------------------------------------------------------
+# Figures
+
+
+def fig_importance(res: dict[str, Any]):
+    import matplotlib.pyplot as plt
+
+    imp = res.get("importance", {})
+    if not imp:
+        return None
+    fig, axes = plt.subplots(1, len(imp), figsize=(4.2 * len(imp), 2.4), squeeze=False)
+    for ax, (name, values) in zip(axes[0], imp.items()):
+        keys = list(values)
+        ax.barh([PARAM_NAMES.get(k, k) for k in keys], [values[k] for k in keys], color="#4C72B0")
+        ax.set_xlim(0, 1)
+        ax.set_title(f"{name.replace('_', ' ')}: fANOVA importance", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def fig_scaling(res: dict[str, Any]):
+    import matplotlib.pyplot as plt
+
+    sc = res.get("scaling", {})
+    ks = sorted(int(k[1:]) for k in sc if k.startswith("x"))
+    if not ks:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(ks, [100 * sc[f"x{k}"]["top1"] for k in ks], "o-", label="synthetic (ours)")
+    if "real" in sc:
+        ax.axhline(100 * sc["real"]["top1"], color="k", ls="--", label="real data (ours)")
+    paper = res.get("paper")
+    if paper:
+        ax.axhline(paper["real"], color="gray", ls=":", label="real data (paper)")
+        ax.plot([1, paper["best_scale"]], [paper["x1"], paper["best"]], "s", color="gray", label="paper x1 / best")
+    ax.set_xlabel("scale (x real training-set size)")
+    ax.set_ylabel("CAS top-1 (%)")
+    ax.set_xticks(ks)
+    ax.legend(fontsize=7)
+    ax.set_title(f"{res['dataset']}: CAS against scale", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _first_per_class(s: imageset.ImageSet, k: int, classes: int) -> list[np.ndarray]:
+    return [s.images[np.flatnonzero(s.labels == c)[:k]] for c in range(classes)]
+
+
+def fig_samples(cfg: Config, res: dict[str, Any], per_class: int = 6, max_classes: int = 20):
+    import matplotlib.pyplot as plt
+
+    gen_dir = (res.get("generation") or {}).get("set") or _largest_synthetic(cfg)
+    if gen_dir is None or not imageset.is_complete(gen_dir):
+        return None
+    real, gen = Run(cfg).read_split("train"), imageset.read_set(gen_dir)
+    n_cls = min(real.num_classes, max_classes)
+    rows_r, rows_g = _first_per_class(real, per_class, n_cls), _first_per_class(gen, per_class, n_cls)
+    fig, axes = plt.subplots(n_cls, 2, figsize=(2 * per_class * 0.55 + 1.5, 0.6 * n_cls + 0.6), squeeze=False)
+    h, w = real.images.shape[1:3]
+    for c in range(n_cls):
+        for j, rows in enumerate((rows_r, rows_g)):
+            strip = np.zeros((h, w * per_class, 3), np.uint8)
+            for i, im in enumerate(rows[c]):
+                strip[:, i * w : (i + 1) * w] = im
+            ax = axes[c, j]
+            ax.imshow(strip, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel(real.class_names[c][:14], rotation=0, ha="right", va="center", fontsize=7)
+            if c == 0:
+                ax.set_title(["real", "generated"][j], fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _largest_synthetic(cfg: Config) -> str | None:
+    root = storage.join(cfg.run_dir, "synthetic")
+    names = [n for n in storage.listdir(root) if n.startswith("x") and n[1:].isdigit()]
+    return storage.join(root, max(names, key=lambda n: int(n[1:]))) if names else None
+
+
+def _cas_names(res: dict[str, Any]) -> list[str]:
+    return [n for n in ("after_1", "after_2", "after_3", "after_4") if n in res.get("per_class", {})] + [
+        n for n in ["real"] + sorted((k for k in res.get("scaling", {}) if k.startswith("x")), key=lambda k: int(k[1:]))
+        if n in res.get("per_class", {})]
+
+
+def fig_confusions(res: dict[str, Any]):
+    import matplotlib.pyplot as plt
+
+    names = _cas_names(res)
+    if not names:
+        return None
+    cols = min(4, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.5 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, name in zip(axes.flat, names):
+        m = np.asarray(res["per_class"][name]["confusion"], float)
+        m = m / np.maximum(m.sum(1, keepdims=True), 1)
+        ax.axis("on")
+        ax.imshow(m, cmap="Blues", vmin=0, vmax=1)
+        ax.set_title(name, fontsize=8)
+        ax.set_xlabel("predicted", fontsize=7)
+        ax.set_ylabel("true", fontsize=7)
+        ax.tick_params(labelsize=5)
+    fig.tight_layout()
+    return fig
+
+
+def fig_timings(res: dict[str, Any]):
+    import matplotlib.pyplot as plt
+
+    t = res.get("timings", {})
+    if not t:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 0.3 * len(t) + 0.8))
+    ax.barh(list(t), list(t.values()), color="#55A868")
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds")
+    ax.set_title("stage wall time (last run of each stage)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# Text
+
+
+def _table(header: list[str], rows: list[list[str]]) -> tuple[str, str]:
+    md = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
+    md += "".join("| " + " | ".join(r) + " |\n" for r in rows)
+    h = "<table><tr>" + "".join(f"<th>{html.escape(x)}</th>" for x in header) + "</tr>"
+    h += "".join("<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in r) + "</tr>" for r in rows) + "</table>"
+    return md, h
+
+
+def table1(res: dict[str, Any]) -> tuple[str, str]:
+    labels = {"after_1": "1: Class-Encoder, default IS/UGS", "after_2": "2: + search 1",
+              "after_3": "3: + UNet fine-tuning", "after_4": "4: + search 2"}
+    rows = []
+    for k, v in res.get("steps", {}).items():
+        p = v["params"]
+        rows.append([labels[k], str(p["num_inference_steps"]), f"{p['guidance_scale']:.2f}", str(p["epoch"]),
+                     _pct(v["cas"]["top1"]), _pct(v["cas"]["top5"]), str(v["num_images"])])
+    return _table(["after step", "IS", "UGS", "epoch", "CAS top-1 %", "top-5 %", "images"], rows)
+
+
+def table2(res: dict[str, Any]) -> tuple[str, str]:
+    sc = res.get("scaling", {})
+    paper = res.get("paper") or {}
+    rows = []
+    for k in ["real"] + sorted((k for k in sc if k.startswith("x")), key=lambda k: int(k[1:])):
+        if k not in sc:
+            continue
+        p = paper.get(k) if k in ("real", "x1") else (paper.get("best") if paper and k == f"x{paper.get('best_scale')}"
+                                                      else None)
+        rows.append([k, str(sc[k]["num_images"]), _pct(sc[k]["top1"]), _pct(sc[k]["top5"]),
+                     f"{p:.2f}" if p is not None else "–"])
+    return _table(["training set", "images", "CAS top-1 %", "top-5 %", "paper top-1 %"], rows)
+
+
+def per_class_table(res: dict[str, Any]) -> tuple[str, str]:
+    names = _cas_names(res)
+    classes = res.get("class_names") or []
+    rows = [[c[:30]] + [_pct(res["per_class"][n]["per_class_accuracy"][i]) for n in names]
+            for i, c in enumerate(classes)]
+    return _table(["class"] + names, rows)
+
+
+def write_report(run_dir: str) -> dict[str, Any]:
+    """Write RUN/report.md, RUN/report.html and RUN/figures/*.png; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    path = storage.join(run_dir, "results.json")
+    if not storage.exists(path):
+        raise RaysdError(f"report: {run_dir} has no results.json yet; run `raysd run` to completion first")
+    res = storage.read_json(path)
+    cfg = _cfg(run_dir)
+    figs = {"importance": fig_importance(res), "scaling": fig_scaling(res), "samples": fig_samples(cfg, res),
+            "confusion": fig_confusions(res), "timings": fig_timings(res)}
+    pngs = {k: _png(f) for k, f in figs.items() if f is not None}
+    for k, data in pngs.items():
+        storage.write_bytes_atomic(storage.join(run_dir, "figures", f"{k}.png"), data)
+    for phase in (1, 2):  # Optuna's optimization history of each search, when drawn
+        p = storage.join(Run(cfg).search_dir(phase), "optimization_history.png")
+        if storage.exists(p):
+            pngs[f"search_{phase}_history"] = storage.read_bytes(p)
+    md, body = _text(res, pngs)
+    storage.write_bytes_atomic(storage.join(run_dir, "report.md"), md.encode())
+    storage.write_bytes_atomic(storage.join(run_dir, "report.html"), body.encode())
+    return {"report_md": storage.join(run_dir, "report.md"), "report_html": storage.join(run_dir, "report.html"),
+            "figures": sorted(pngs)}
+
+
+def _text(res: dict[str, Any], pngs: dict[str, bytes]) -> tuple[str, str]:
+    t1, t2, pc = table1(res), table2(res), per_class_table(res)
+    gen = res.get("generation") or {}
+    base = res.get("pretrained_base")
+    title = f"raysd report: {res['dataset']} ({res['preset']} preset)"
+    notes = [f"Base model: `{res['base_model']}`; seed {res['seed']}."]
+    if base:
+        notes.append(f"No pretrained weights were used: the tiny base was pretrained here for {base.get('steps')} steps "
+                     f"without class labels (a caption-like PCA context standing in for SD's pretraining; final loss "
+                     f"{base['loss']:.4f}).")
+    if gen:
+        notes.append(f"Generation: {gen.get('num_images')} images at {gen.get('images_per_second', 0):.1f} images/s "
+                     f"with {gen.get('params')}.")
+    notes.append("CAS: ResNet20 trained on the named set only, early-stopped on the real validation split, scored on "
+                 "the real test split.")
+    n1 = min((s.get("num_images") or 0 for s in res.get("steps", {}).values()), default=0)
+    if 0 < n1 < 2000:
+        notes.append(f"Table 1 scores classifiers trained on only {n1} generated images each: differences of several "
+                     "points between its rows are within the noise of one such run (the searches pick the best of "
+                     "a few noisy trials on the validation split, so a step can score lower on the test split).")
+    sections = [
+        ("Table 1: CAS after each step", t1, None),
+        ("Table 2: real data against synthetic data at each scale", t2, "scaling"),
+        ("Hyper-parameter importance (fANOVA)", None, "importance"),
+        ("Search 1: optimisation history", None, "search_1_history"),
+        ("Search 2: optimisation history", None, "search_2_history"),
+        ("Samples per class: real (left) and generated (right)", None, "samples"),
+        ("Per-class accuracy (%) of every CAS", pc, "confusion"),
+        ("Stage timings", None, "timings"),
+    ]
+    md = [f"# {title}", "", *[f"- {n}" for n in notes], ""]
+    body = [f"<h1>{html.escape(title)}</h1><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>"]
+    for heading, table, fig in sections:
+        if table is None and (fig is None or fig not in pngs):
+            continue
+        md.append(f"## {heading}\n")
+        body.append(f"<h2>{html.escape(heading)}</h2>")
+        if table is not None:
+            md.append(table[0])
+            body.append(table[1])
+        if fig is not None and fig in pngs:
+            md.append(f"![{fig}](figures/{fig}.png)\n" if not fig.startswith("search_") else
+                      f"![{fig}]({fig.split('_history')[0]}/optimization_history.png)\n")
+            body.append(f'<img alt="{fig}" src="data:image/png;base64,{base64.b64encode(pngs[fig]).decode()}">')
+    style = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}table{border-collapse:collapse;"
+             "margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}th{background:#f3f3f3}"
+             "img{max-width:100%;display:block;margin:1em 0}")
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>")
+    return "\n".join(md), page

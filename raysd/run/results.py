@@ -1,0 +1,69 @@
+"""``results.json`` of a run, in the schema of DESIGN.md section 4, from the manifest's outputs.
+
+``steps`` is the paper's Table 1 (the CAS of a ``search.num_images`` set after each step),
+``importance`` its Fig. 1 (fANOVA importances of both searches), ``scaling`` its Table 2 (real
+data and x1..xK), plus ``timings``, ``per_class`` (per-class accuracy and confusion matrix of
+every CAS) and the provenance of the run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from raysd.config import Config
+from raysd.data import storage
+from raysd.run.scores import PARAM_KEYS, Score
+
+# The paper's Table 2 (ResNet20 top-1 %, real test set): real, x1 and the best synthetic scale.
+PAPER_TABLE2 = {
+    "cifar10": {"real": 83.26, "x1": 79.09, "best": 85.82, "best_scale": 7},
+    "cifar100": {"real": 60.55, "x1": 45.19, "best": 52.93, "best_scale": 10},
+    "pathmnist": {"real": 88.70, "x1": 85.19, "best": 86.45, "best_scale": 10},
+    "dermamnist": {"real": 75.71, "x1": 66.98, "best": 69.42, "best_scale": 7},
+    "bloodmnist": {"real": 96.22, "x1": 85.56, "best": 86.58, "best_scale": 5},
+    "retinamnist": {"real": 47.75, "x1": 40.50, "best": 52.00, "best_scale": 4},
+}
+
+
+def _search_score(out: dict[str, Any]) -> Score:
+    """Table 1's after_2 / after_4: the best trial's classifier on the test split."""
+    b = out["best"]
+    return Score(top1=b["test_top1"], top5=b["test_top5"], num_images=b["num_images"],
+                 params={k: b[k] for k in PARAM_KEYS}, generation_seconds=b.get("generation_seconds"),
+                 **out["per_class"])
+
+
+def table1(st: dict[str, Any]) -> dict[str, Score]:
+    """{after_k: Score} for the completed steps, in order."""
+    rows = {name: Score.from_step_json(st[name]) for name in ("after_1", "after_3") if name in st}
+    rows.update({name: _search_score(st[search]) for name, search in (("after_2", "search_1"), ("after_4", "search_2"))
+                 if search in st})
+    return {k: rows[k] for k in ("after_1", "after_2", "after_3", "after_4") if k in rows}
+
+
+def build_results(cfg: Config, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Assemble and write RUN/results.json from the completed stages' outputs."""
+    st = {k: v.get("outputs", {}) for k, v in manifest["stages"].items() if v.get("status") == "complete"}
+    steps = table1(st)
+    scaling = {name: Score.from_scale_json(r) for name, r in st.get("scaling", {}).items()}
+    timings = {k: round(v.get("seconds", 0.0), 2) for k, v in manifest["stages"].items() if v.get("status") == "complete"}
+    gen = st.get("generate", {})
+    results = {
+        "dataset": cfg.dataset.name, "preset": cfg.preset, "base_model": cfg.model.base_model, "seed": cfg.seed,
+        "steps": {k: s.table1_row() for k, s in steps.items()},
+        "importance": {s: st[s]["importance"] for s in ("search_1", "search_2") if s in st},
+        "scaling": {k: s.table2_row() for k, s in scaling.items()},
+        "timings": timings,
+        "per_class": {k: s.per_class for k, s in {**steps, **scaling}.items()},
+        "class_names": st.get("prepare", {}).get("class_names"),
+        "generation": {k: gen.get(k) for k in ("set", "num_images", "images_per_second", "params", "seconds")}
+        if gen else {},
+        "pretrained_base": st.get("pretrain"),
+        "paper": PAPER_TABLE2.get(cfg.dataset.name),
+        "provenance": manifest.get("provenance", {}),
+    }
+    storage.write_json_atomic(storage.join(cfg.run_dir, "results.json"), results)
+    return results
+
+
+SCHEMA_KEYS = ("dataset", "preset", "base_model", "seed", "steps", "importance", "scaling", "timings")

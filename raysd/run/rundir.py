@@ -1,0 +1,162 @@
+"""The run directory as one object, built once per stage: its layout, the prepared splits' metas
+(read once, then cached), the fingerprints of what a stage depends on, and the one way to
+claim an output directory for a fingerprint.
+
+    RUN/config.json                 the resolved Config of the run
+    RUN/data/{train,val,test}/      the real dataset as canonical Parquet sets
+    RUN/base/                       demo only: the tiny base after unconditional pretraining
+    RUN/cache/latents-KEY/          VAE posteriors of the train split (mean, logvar)
+    RUN/checkpoints/{pretrain,encoder,unet}/epoch_NNN/
+    RUN/search_1/, RUN/search_2/    Ray Tune experiments and their summaries
+    RUN/synthetic/NAME/             generated sets
+    RUN/manifest.json, results.json, report.md, report.html, figures/
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from raysd.config import Config, fingerprint
+from raysd.core.plan import Plan, class_counts, make_plan
+from raysd.data import imageset, storage
+from raysd.errors import RaysdError
+
+SPLITS = ("train", "val", "test")
+# The pipeline's stages in order (raysd.pipeline defines them; listed here so the CLI needs no torch)
+PIPELINE_STAGES = ("prepare", "pretrain", "train_encoder", "after_1", "search_1", "finetune", "after_3", "search_2",
+                   "generate", "scaling", "report")
+CLAIM = "claim.json"
+
+
+class Run:
+    """One run directory and its config. Picklable: stages hand it to Ray workers as it is."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.root = cfg.run_dir
+        self._metas: dict[str, dict[str, Any]] = {}
+
+    # -- layout --------------------------------------------------------------------------------
+
+    def path(self, *parts: str) -> str:
+        return storage.join(self.root, *parts)
+
+    @property
+    def data_dir(self) -> str:
+        return self.path("data")
+
+    def split_dir(self, split: str) -> str:
+        return self.path("data", split)
+
+    @property
+    def base_dir(self) -> str:
+        return self.path("base")
+
+    def cache_dir(self, key: str) -> str:
+        return self.path("cache", f"latents-{key}")
+
+    def ckpt_root(self, kind: str) -> str:
+        return self.path("checkpoints", kind)
+
+    def search_dir(self, phase: int) -> str:
+        return self.path(f"search_{phase}")
+
+    def synthetic_dir(self, name: str) -> str:
+        return self.path("synthetic", name)
+
+    # -- the prepared real data (read once) -----------------------------------------------------
+
+    def is_prepared(self) -> bool:
+        return all(imageset.is_complete(self.split_dir(s)) for s in SPLITS)
+
+    def meta(self, split: str) -> dict[str, Any]:
+        """The split's meta.json (counts, classes, image shape, provenance), cached."""
+        if split not in self._metas:
+            self._metas[split] = imageset.read_meta(self.split_dir(split))
+        return self._metas[split]
+
+    @property
+    def train_meta(self) -> dict[str, Any]:
+        return self.meta("train")
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.train_meta["num_classes"])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        h, w = self.train_meta["image_shape"][:2]
+        return int(h), int(w)
+
+    @property
+    def num_train(self) -> int:
+        return int(self.train_meta["num_rows"])
+
+    def read_split(self, split: str) -> imageset.ImageSet:
+        return imageset.read_set(self.split_dir(split))
+
+    def plan(self, num_images: int, class_balance: str) -> Plan:
+        """Sample ids, labels and seeds of a synthetic set of ``num_images`` for this run."""
+        m = self.train_meta
+        return make_plan(num_images, class_counts(num_images, m["num_classes"], class_balance, m["counts_per_class"]),
+                         self.cfg.seed)
+
+    # -- identities ----------------------------------------------------------------------------
+
+    def base_spec(self) -> str:
+        """The base model the stages load: the pretrained demo base in the run, or the config's."""
+        if self.cfg.model.pretrain_steps > 0:
+            return storage.local_path(self.base_dir)
+        return self.cfg.model.base_model
+
+    def stage_hash(self, *sections: str, extra: Any = None) -> str:
+        """Identity of a stage's inputs: named config sections, the seed and any extra value."""
+        d = self.cfg.to_dict()
+        body = {k: d[k] for k in sections}
+        body["seed"] = self.cfg.seed
+        body["extra"] = extra
+        return fingerprint(body)
+
+    def training_hash(self, kind: str, encoder_epoch: int | None = None) -> str:
+        """What a training kind's checkpoints depend on (a change invalidates them)."""
+        if kind == "pretrain":
+            keys = {k: v for k, v in self.cfg.to_dict()["model"].items() if k.startswith("pretrain") or k in (
+                "base_model", "resolution", "seq_len", "beta_start", "beta_end", "num_train_timesteps")}
+            return self.stage_hash("dataset", extra=keys)
+        sections = ("dataset", "model", "encoder") + (("finetune",) if kind == "unet" else ())
+        return self.stage_hash(*sections, extra=encoder_epoch)
+
+    def save_config(self) -> None:
+        """Write RUN/config.json (the resolved config), refusing a run made with another preset."""
+        path = self.path("config.json")
+        if storage.exists(path):
+            old = storage.read_json(path)
+            if old.get("preset") != self.cfg.preset:
+                raise RaysdError(f"run {self.root} was made with preset {old.get('preset')!r}, not "
+                                 f"{self.cfg.preset!r}; use another run directory")
+        storage.makedirs(self.root)
+        storage.write_json_atomic(path, self.cfg.to_dict())
+
+
+def claim(directory: str, fp: str, *, what: str, restart: bool = False, record: str = CLAIM,
+          body: dict[str, Any] | None = None) -> None:
+    """Make ``directory`` the output of the work identified by ``fp`` (recorded in ``record``).
+
+    Held for other settings: refused with one line, or, with ``restart``, emptied and taken.
+    ``restart`` also empties a directory held for the same settings (the user asked to redo it).
+    A non-empty directory without the record is not raysd's and is refused."""
+    path = storage.join(directory, record)
+    if storage.exists(path):
+        if storage.read_json(path).get("fingerprint") != fp or restart:
+            if not restart:
+                raise RaysdError(f"{what}: {directory} holds work made with other settings; pass --restart to "
+                                 "replace it, or use another run directory or --name")
+            storage.remove(directory)
+    elif storage.listdir(directory):
+        if not restart:
+            raise RaysdError(f"{what}: {directory} exists and is not a raysd {what} directory; remove it or pass "
+                             "--restart")
+        storage.remove(directory)
+    storage.makedirs(directory)
+    if not storage.exists(path):
+        storage.write_json_atomic(path, {"fingerprint": fp, **(body or {})})

@@ -1,0 +1,110 @@
+"""Stage: a real dataset -> canonical Parquet sets ``OUT/{train,val,test}`` through Ray Data.
+
+Each split is written into a temporary directory, described by ``meta.json`` (shards, row
+counts, SHA-256, class counts, source checksums) and only then renamed into place, so a crash
+never leaves a directory that looks complete. A rerun with the same source skips the split; an
+existing split that holds something else is refused. :func:`write_parquet_set` is the one
+write-describe-commit sequence of every set Ray Data writes (splits, the latent cache).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+import ray.data
+from ray.data.datasource import FilenameProvider
+
+from raysd.data import imageset, storage
+from raysd.data.sources import SPLITS, RealDataset, load_dataset
+from raysd.errors import RaysdError
+from raysd.run.rundir import Run
+from raysd.stages.cluster import ensure_ray
+
+log = logging.getLogger("raysd")
+
+ROWS_PER_FILE = 10_000
+
+
+def prepare_dataset(name: str, out: str, *, data_dir: str | None = None, download: bool = True) -> dict[str, Any]:
+    """Load ``name`` and write its three splits under ``out``; returns {split: meta}."""
+    ds = load_dataset(name, data_dir, download)
+    return write_dataset(ds, out)
+
+
+def write_dataset(ds: RealDataset, out: str) -> dict[str, Any]:
+    fingerprint = ds.fingerprint()
+    metas: dict[str, Any] = {}
+    pending = []
+    for split in SPLITS:
+        target = storage.join(out, split)
+        if imageset.is_complete(target):
+            meta = imageset.read_meta(target)
+            if meta.get("provenance", {}).get("fingerprint") != fingerprint:
+                raise RaysdError(
+                    f"prepare: {target} already holds a different dataset "
+                    f"({meta.get('dataset')!r}, fingerprint {meta.get('provenance', {}).get('fingerprint')}); "
+                    "choose another --out or remove it"
+                )
+            log.info("prepare: %s already complete (%d rows), skipped", target, meta["num_rows"])
+            metas[split] = meta
+        elif storage.exists(target):
+            raise RaysdError(f"prepare: {target} exists but is not a raysd image set; choose another --out or remove it")
+        else:
+            pending.append(split)
+    if pending:
+        ensure_ray()
+        for split in pending:
+            metas[split] = _write_split(ds, split, storage.join(out, split), fingerprint)
+    return metas
+
+
+class _Names(FilenameProvider):
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return f"part-{task_index:05d}"  # Ray appends "-<i>.parquet"
+
+
+def write_parquet_set(ds: "ray.data.Dataset", target: str, describe: Callable[[dict[str, dict], int], dict]) -> None:
+    """Write a Ray dataset as a set directory: shards, then ``meta.json`` (``describe(files, rows)``
+    plus every shard's rows and SHA-256), written under a temporary name and renamed last."""
+    tmp = f"{target}{storage.TMP_MARK}write"
+    storage.remove(tmp)  # a leftover of an interrupted run; ours by its name
+    fs, fs_path = storage.filesystem(tmp)
+    ds.write_parquet(fs_path, filesystem=fs, filename_provider=_Names(), mode=ray.data.SaveMode.OVERWRITE)
+    files = {}
+    for fn in storage.listdir(tmp):
+        table = imageset.read_shard(storage.join(tmp, fn))
+        files[fn] = {"rows": table.num_rows, "sha256": storage.sha256_file(storage.join(tmp, fn))}
+    storage.write_json_atomic(storage.join(tmp, imageset.META), describe(files, sum(f["rows"] for f in files.values())))
+    storage.rename(tmp, target)
+
+
+def _write_split(ds: RealDataset, split: str, target: str, fingerprint: str) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    sp = ds.splits[split]
+    n = len(sp.labels)
+    ids = np.arange(n, dtype=np.int64)
+    tables = [imageset.shard_table(ids[i : i + ROWS_PER_FILE], sp.labels[i : i + ROWS_PER_FILE],
+                                   sp.images[i : i + ROWS_PER_FILE]) for i in range(0, n, ROWS_PER_FILE)]
+
+    def describe(files: dict[str, dict], rows: int) -> dict:
+        if rows != n:
+            raise RuntimeError(f"prepare: wrote {rows} rows for {n} images")
+        return {"format": imageset.SET_FORMAT, **imageset.set_meta(
+            dataset=ds.name, split=split, class_names=ds.class_names, labels=sp.labels, image_shape=ds.image_shape,
+            files=files, provenance={**ds.provenance, "fingerprint": fingerprint})}
+
+    write_parquet_set(ray.data.from_arrow(tables), target, describe)
+    log.info("prepare: %s %s: %d images, %d shard(s), %.1fs", ds.name, split, n, -(-n // ROWS_PER_FILE),
+             time.perf_counter() - t0)
+    return imageset.read_meta(target)
+
+
+def ensure_prepared(run: Run) -> None:
+    """The run's real data (RUN/data), prepared on first use."""
+    if not run.is_prepared():
+        cfg = run.cfg
+        prepare_dataset(cfg.dataset.name, run.data_dir, data_dir=cfg.dataset.data_dir, download=cfg.dataset.download)

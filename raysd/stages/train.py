@@ -1,0 +1,238 @@
+"""Stage: diffusion training on Ray Train (step 1 Class-Encoder, step 3 UNet, demo pretraining).
+
+The driver prepares the data, caches the VAE posteriors of the train split once (Ray Data,
+one encoder actor per GPU), then runs a ``TorchTrainer`` whose workers run
+:func:`~raysd.stages.train_worker.train_loop_per_worker` with one ``TrainJob``. After each
+epoch rank 0 writes a checkpoint that Ray persists to ``RUN/checkpoints/KIND/epoch_NNN/``; a
+rerun (or a restarted worker) resumes from the newest complete one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import ray.data
+import ray.train
+from ray.train import UserCallback
+
+from raysd.config import Config, TrainStepConfig
+from raysd.data import checkpoints as ck
+from raysd.data import imageset, storage
+from raysd.data.models import BASE_META
+from raysd.errors import RaysdError
+from raysd.run.rundir import Run, claim
+from raysd.stages.cluster import cluster_gpus, connect
+from raysd.stages.prepare import ensure_prepared, write_parquet_set
+from raysd.stages.train_worker import TrainJob, schedule_of, train_loop_per_worker
+
+log = logging.getLogger("raysd")
+
+KINDS = ("pretrain", "encoder", "unet")
+PRETRAIN_STEPS_PER_EPOCH = 60  # a checkpoint every 60 steps of demo pretraining
+
+
+def step_config(cfg: Config, kind: str) -> TrainStepConfig:
+    """The TrainStepConfig of a kind; pretraining's epochs come from model.pretrain_steps."""
+    if kind == "encoder":
+        return cfg.encoder
+    if kind == "unet":
+        return cfg.finetune
+    m = cfg.model
+    per_epoch = min(PRETRAIN_STEPS_PER_EPOCH, m.pretrain_steps)
+    return TrainStepConfig(epochs=max(1, math.ceil(m.pretrain_steps / per_epoch)), global_batch_size=m.pretrain_batch_size,
+                           lr=m.pretrain_lr, weight_decay=0.0, grad_clip_norm=1.0, steps_per_epoch=per_epoch)
+
+
+def train(cfg: Config, kind: str, *, encoder_epoch: int | None = None, restart: bool = False) -> list[int]:
+    """Run (or resume, or skip when complete) one training kind; returns its valid epochs."""
+    if kind not in KINDS:
+        raise RaysdError(f"training kind must be one of {KINDS}; got {kind!r}")
+    run = Run(cfg)
+    device = connect(cfg)
+    run.save_config()
+    ensure_prepared(run)
+    if kind == "pretrain" and not cfg.model.base_model.startswith("tiny"):
+        raise RaysdError("model.pretrain_steps > 0 pretrains a tiny base only; SD bases come pretrained")
+    base = cfg.model.base_model if kind == "pretrain" else ensure_base(run)
+    if kind == "unet":
+        encoder_epoch = _check_encoder_epoch(run, encoder_epoch)
+    root = run.ckpt_root(kind)
+    chash = run.training_hash(kind, encoder_epoch)
+    claim(root, chash, what=kind, restart=restart)
+    step = step_config(cfg, kind)
+    done = ck.valid_epochs(root)
+    if done and done[-1] >= step.epochs:
+        log.info("%s: all %d epochs already in %s", kind, step.epochs, root)
+        return done
+    cache = ensure_latent_cache(run, base, device)
+    _fit(TrainJob(run, kind, base, step, chash, encoder_epoch, device), cache)
+    done = ck.valid_epochs(root)
+    if not done or done[-1] < step.epochs:
+        raise RuntimeError(f"{kind}: training ended with epochs {done}, expected {step.epochs}")
+    return done
+
+
+def ensure_base(run: Run) -> str:
+    """The base model spec; for the demo, pretrain the tiny base first (once)."""
+    if run.cfg.model.pretrain_steps <= 0:
+        return run.cfg.model.base_model
+    if not storage.exists(storage.join(run.base_dir, BASE_META)):
+        epochs = train(run.cfg, "pretrain")
+        export_base(run, epochs[-1])
+    return run.base_spec()
+
+
+def export_base(run: Run, epoch: int) -> None:
+    """Write the pretrained tiny UNet as a diffusers directory RUN/base (temp name, renamed)."""
+    from raysd.core.models.diffusion import build_tiny
+    from raysd.data.models import save_base_model
+
+    cfg = run.cfg
+    base = build_tiny(cfg.model.base_model, cfg.model.resolution, seed=cfg.seed)
+    state, meta = ck.load_weights(ck.epoch_dir(run.ckpt_root("pretrain"), epoch))
+    base.unet.load_state_dict(state)
+    target = storage.local_path(run.base_dir)
+    tmp = f"{target}{storage.TMP_MARK}export"
+    storage.remove(tmp)
+    save_base_model(base, tmp, schedule_of(cfg), extra={
+        "pretrained_by": "raysd demo pretraining (unconditional, PCA-code context)", "epoch": epoch,
+        "loss": meta.get("loss")})
+    storage.remove(target)
+    storage.rename(tmp, target)
+
+
+def _check_encoder_epoch(run: Run, encoder_epoch: int | None) -> int:
+    valid = ck.valid_epochs(run.ckpt_root("encoder"))
+    if not valid:
+        raise RaysdError(f"finetune: no Class-Encoder checkpoints in {run.ckpt_root('encoder')}; "
+                         "run `raysd train-encoder` first")
+    if encoder_epoch is None:
+        best = storage.join(run.search_dir(1), "best.json")
+        chosen = storage.read_json(best).get("encoder_epoch") if storage.exists(best) else None
+        return chosen if chosen in valid else valid[-1]
+    if encoder_epoch not in valid:
+        raise RaysdError(f"finetune: --encoder-epoch {encoder_epoch} has no valid checkpoint; available: {valid}")
+    return encoder_epoch
+
+
+# --------------------------------------------------------------------------------------------
+# The latent cache: VAE posteriors of the train split, computed once per base model
+
+
+def ensure_latent_cache(run: Run, base: str, device: str) -> str:
+    """RUN/cache/latents-KEY: posterior (mean, logvar) of every train image, computed once."""
+    cfg = run.cfg
+    key = run.stage_hash(extra=[base, _base_identity(base), cfg.model.resolution,
+                                run.train_meta["provenance"].get("fingerprint")])
+    cache = run.cache_dir(key)
+    if imageset.is_complete(cache):
+        return cache
+    t0 = time.perf_counter()
+    n_gpu = 1 if device == "cuda" else 0
+    ds = ray.data.read_parquet(imageset.verified_files(run.split_dir("train")))
+    ds = ds.map_batches(
+        PosteriorEncoder, fn_constructor_kwargs={"spec": base, "resolution": cfg.model.resolution, "device": device},
+        batch_size=256, batch_format="numpy", num_gpus=n_gpu, num_cpus=0 if n_gpu else 1,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(cluster_gpus())) if n_gpu else 1))
+
+    def describe(files: dict[str, dict], rows: int) -> dict:
+        if rows != run.num_train:
+            raise RuntimeError(f"latent cache: {rows} rows for {run.num_train} images")
+        return {"format": "raysd.latents/1", "files": files, "num_rows": rows, "base": base}
+
+    write_parquet_set(ds, cache, describe)
+    log.info("latent cache: %d images encoded in %.1fs -> %s", run.num_train, time.perf_counter() - t0, cache)
+    return cache
+
+
+def _base_identity(spec: str) -> str:
+    """Content identity of a local base (its config/weights files change when it is re-exported)."""
+    import os
+
+    meta = os.path.join(storage.local_path(spec), BASE_META)
+    return storage.sha256_file(meta) if os.path.isfile(meta) else spec
+
+
+class PosteriorEncoder:
+    """Ray Data actor: uint8 images -> VAE posterior at the model's resolution (model loaded once)."""
+
+    def __init__(self, spec: str, resolution: int, device: str):
+        import torch
+
+        from raysd.data.models import load_base_model
+
+        self.device = torch.device(device)
+        self.base = load_base_model(spec, resolution=resolution, dtype=torch.float32, device=self.device)
+        self.resolution = resolution
+
+    def __call__(self, batch: dict) -> dict:
+        from raysd.core.imaging import uint8_to_model
+
+        x = uint8_to_model(batch["image"], self.resolution, self.device)
+        mean, logvar = self.base.encode_posterior(x)
+        out = {"sample_id": batch["sample_id"], "label": batch["label"], "mean": mean.cpu().numpy()}
+        if self.base.vae is not None:
+            out["logvar"] = logvar.cpu().numpy()
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# The TorchTrainer
+
+
+def _fit(job: TrainJob, cache: str) -> None:
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    r = job.run.cfg.resources
+    use_gpu = job.device == "cuda"
+    ctx = ray.data.DataContext.get_current()
+    bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False  # a dataset keeps the context it was made in
+    cached = ray.data.read_parquet(imageset.verified_files(cache, storage.read_json(storage.join(cache, imageset.META))))
+    fs, ckpt_parent = storage.filesystem(job.run.path("checkpoints"))
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": job},
+        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=use_gpu, resources_per_worker={
+            "CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if use_gpu else {})}),
+        run_config=RunConfig(
+            name=job.kind, storage_path=ckpt_parent, storage_filesystem=fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=1 if job.kind == "pretrain" else None),
+            failure_config=FailureConfig(max_failures=r.max_failures),
+            callbacks=[EpochLogger(job.kind, job.step.epochs)],
+            # raysd prints a line per epoch; Ray Train's per-report INFO lines go to its log files only
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+        # Materialised before the workers take their CPUs: reading then needs no further tasks,
+        # so workers that hold every CPU of a small machine cannot starve their own input.
+        datasets={"train": cached.materialize()},
+        dataset_config=DataConfig(datasets_to_split=[]),  # every worker reads the whole cache
+    )
+    log.info("%s: training %d epoch(s) on %d %s worker(s) -> %s", job.kind, job.step.epochs, r.num_workers, job.device,
+             job.run.ckpt_root(job.kind))
+    try:
+        trainer.fit()
+    finally:
+        ctx.enable_progress_bars = bars
+
+
+class EpochLogger(UserCallback):
+    """One line per epoch (loss, images/s, ETA), printed by the Train controller."""
+
+    def __init__(self, kind: str, epochs: int):
+        self.kind, self.epochs = kind, epochs
+        self.t0 = time.perf_counter()
+        self.first_epoch: int | None = None
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:  # noqa: ANN001
+        m = metrics[0]
+        epoch = int(m["epoch"])
+        if self.first_epoch is None:
+            self.first_epoch, self.t0 = epoch - 1, time.perf_counter() - m["seconds"]
+        rate = sum(x["images"] for x in metrics) / max(m["seconds"], 1e-9)
+        per_epoch = (time.perf_counter() - self.t0) / max(1, epoch - self.first_epoch)
+        eta = per_epoch * (self.epochs - epoch)
+        print(f"[raysd] {self.kind} epoch {epoch}/{self.epochs}: loss {m['loss']:.4f}, {rate:.0f} img/s, "
+              f"{m['seconds']:.1f}s, ETA {eta:.0f}s", flush=True)

@@ -1,0 +1,181 @@
+"""The Ray Train worker of the training stage: read the latent cache into device memory, build the
+models, wrap the trained one with ``prepare_model`` (DDP) and run the Ray-free
+:class:`~raysd.core.diffusion_trainer.DiffusionTrainer` one epoch at a time, reporting a
+checkpoint per epoch (rank 0 writes it; Ray persists it under RUN/checkpoints/KIND/epoch_NNN/).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import ray.data
+import ray.train
+import ray.train.torch
+import torch
+
+from raysd.core.diffusion_trainer import DiffusionTrainer, TrainData, TrainerConfig, pca_context_projection
+from raysd.config import Config, TrainStepConfig
+from raysd.core.models.class_encoder import ClassEncoder
+from raysd.core.models.diffusion import NoiseSchedule
+from raysd.data import checkpoints as ck
+from raysd.data import storage
+from raysd.errors import RaysdError
+from raysd.faults import maybe_fail
+from raysd.run.rundir import Run
+
+
+@dataclass
+class TrainJob:
+    """Everything a training worker needs (crosses Ray as it is)."""
+
+    run: Run
+    kind: str
+    base: str  # base model spec the workers load
+    step: TrainStepConfig
+    config_hash: str  # what the checkpoints were made with (refused on resume when it differs)
+    encoder_epoch: int | None  # step 3: the frozen Class-Encoder's epoch
+    device: str
+
+
+def schedule_of(cfg: Config) -> NoiseSchedule:
+    m = cfg.model
+    return NoiseSchedule(m.beta_start, m.beta_end, m.num_train_timesteps)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    job: TrainJob = config["job"]
+    cfg = job.run.cfg
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if job.device == "cuda" else torch.device("cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.resources.torch_threads or max(1, int(cfg.resources.cpus_per_worker)))
+    data = _load_cache(device)
+    base, encoder = _build_models(job, device)
+    frozen = base.unet if job.kind == "encoder" else encoder
+    digest_start = ck.module_digest(frozen) if frozen is not None and rank == 0 else ""
+    if job.kind == "pretrain":
+        data.captions = pca_context_projection(data.mean.cpu(), cfg.model.seq_len, base.cross_attention_dim, cfg.seed)
+    tcfg = TrainerConfig(kind=job.kind, step=job.step, schedule=schedule_of(cfg),  # type: ignore[arg-type]
+                         scaling_factor=base.scaling_factor, seed=cfg.seed, rank=rank, world=world,
+                         label_dropout=cfg.model.label_dropout if cfg.model.null_class else 0.0,
+                         autocast_dtype=_autocast(cfg.model.precision, device))
+    base.vae = None  # the posteriors are cached: the VAE is not needed while training
+    trainer = DiffusionTrainer(tcfg, unet=base.unet, encoder=encoder, data=data, device=device,
+                               wrap=ray.train.torch.prepare_model if world > 1 else None)
+    start = _resume(trainer, job)
+    for epoch in range(start + 1, job.step.epochs + 1):
+        stats = trainer.run_epoch(epoch)
+        maybe_fail(f"train_epoch_{epoch}")  # fault tests: the worker dies with this epoch trained, not saved
+        metrics = {"epoch": epoch, "loss": _mean_across_workers(stats["loss"], world, device),
+                   "images": stats["images"], "seconds": stats["seconds"], "step": trainer.step}
+        if epoch == job.step.epochs and rank == 0 and frozen is not None:
+            metrics.update(frozen_digest_start=digest_start, frozen_digest_end=ck.module_digest(frozen))
+        _report_epoch(trainer, job, epoch, metrics, rank, encoder)
+
+
+def _autocast(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA unless the config asks for fp16 or fp32; none on the CPU."""
+    if device.type != "cuda":
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "auto": torch.bfloat16}.get(precision)
+
+
+def _load_cache(device: torch.device) -> TrainData:
+    ray.data.DataContext.get_current().enable_progress_bars = False  # bars belong to the driver
+    cols: dict[str, list] = {"sample_id": [], "label": [], "mean": [], "logvar": []}
+    for batch in ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=4096, device="cpu"):
+        for k in cols:
+            if k in batch:
+                cols[k].append(batch[k])
+    order = torch.argsort(torch.cat(cols["sample_id"]))
+    labels = torch.cat(cols["label"])[order].long().to(device)
+    mean = torch.cat(cols["mean"])[order].float().to(device)
+    logvar = torch.cat(cols["logvar"])[order].float().to(device) if cols["logvar"] else None
+    return TrainData(labels=labels, mean=mean, logvar=logvar)
+
+
+def _build_models(job: TrainJob, device: torch.device):
+    from raysd.data.models import load_base_model
+
+    cfg = job.run.cfg
+    base = load_base_model(job.base, resolution=cfg.model.resolution, dtype=torch.float32, device=device, seed=cfg.seed)
+    if job.kind == "pretrain":
+        return base, None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        encoder = ClassEncoder(job.run.num_classes, cfg.model.seq_len, base.cross_attention_dim, cfg.model.hidden_dim,
+                               cfg.model.null_class)
+    if job.kind == "unet":
+        state, _ = ck.load_weights(ck.epoch_dir(job.run.ckpt_root("encoder"), job.encoder_epoch))
+        encoder.load_state_dict(state)
+    return base, encoder.to(device)
+
+
+def _resume(trainer: DiffusionTrainer, job: TrainJob) -> int:
+    """Load the newest complete checkpoint into ``trainer``; returns its epoch (0: none).
+
+    Ray's record of the latest reported checkpoint comes first (a restarted worker, or a rerun
+    of the same run); a scan of the run directory covers a record lost in a crash.
+    """
+    root = job.run.ckpt_root(job.kind)
+    directory = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        directory = storage.join(root, ckpt.path.rstrip("/").rsplit("/", 1)[-1])
+    if directory is None or not ck.is_valid(directory, resumable=True):
+        epoch = ck.latest_resumable(root)
+        directory = ck.epoch_dir(root, epoch) if epoch else None
+    if directory is None:
+        return 0
+    state, meta = ck.load_weights(directory)
+    if meta.get("config_hash") != job.config_hash:
+        raise RaysdError(f"checkpoint {directory} was made with other settings; use --restart")
+    trainer.trainable.load_state_dict(state)
+    opt_state, extra = ck.load_resume_state(directory)
+    trainer.load_resume(opt_state, extra)
+    print(f"[raysd] resuming {meta.get('kind')} after epoch {meta['epoch']} from {directory}", flush=True)
+    return int(meta["epoch"])
+
+
+def _mean_across_workers(value: float, world: int, device: torch.device) -> float:
+    if world == 1:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([value], device=device, dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item()) / world
+
+
+def _checkpoint_meta(trainer: DiffusionTrainer, job: TrainJob, epoch: int, metrics: dict,
+                     encoder: ClassEncoder | None) -> dict[str, Any]:
+    meta = {"kind": job.kind, "epoch": epoch, "loss": metrics["loss"], "step": trainer.step,
+            "config_hash": job.config_hash, "encoder_epoch": job.encoder_epoch,
+            "module": "class_encoder" if job.kind == "encoder" else "unet",
+            **{k: v for k, v in metrics.items() if k.startswith("frozen_digest")}}
+    if encoder is not None:
+        meta["class_encoder"] = {"num_classes": encoder.num_classes, "seq_len": encoder.seq_len, "dim": encoder.dim,
+                                 "hidden_dim": encoder.fc1.out_features, "null_class": encoder.null_class}
+    return meta
+
+
+def _report_epoch(trainer: DiffusionTrainer, job: TrainJob, epoch: int, metrics: dict, rank: int,
+                  encoder: ClassEncoder | None) -> None:
+    from ray.train import Checkpoint
+
+    cfg, root = job.run.cfg, job.run.ckpt_root(job.kind)
+    checkpoint = None
+    if rank == 0:
+        local = ck.local_tmpdir()
+        ck.write_checkpoint(local, model_state=trainer.trainable.state_dict(),
+                            meta=_checkpoint_meta(trainer, job, epoch, metrics, encoder),
+                            optimizer_state=trainer.opt.state_dict(), resume=trainer.resume_state(),
+                            dtype=cfg.encoder.checkpoint_dtype if job.kind == "encoder" else cfg.finetune.checkpoint_dtype)
+        checkpoint = Checkpoint.from_directory(local)
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch:03d}")
+    if rank == 0 and epoch > 1 and job.kind != "pretrain":
+        previous = ck.epoch_dir(root, epoch - 1)
+        if ck.is_valid(storage.join(root, f"epoch_{epoch:03d}"), resumable=True) and storage.exists(previous):
+            ck.drop_resume_files(previous)
