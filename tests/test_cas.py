@@ -64,3 +64,47 @@ def test_bad_cas_inputs(digits):
         CasTrainer((x.astype(np.float32), y), (x, y), 10)
     with pytest.raises(RaysdError, match="10 images and 9 labels"):
         CasTrainer((x, y[:9]), (x, y), 10)
+
+
+def test_plateau_and_early_stopping_count_as_keras_does():
+    """Hand-computed: patience 2, factor 0.1, min_lr 1e-5 (lr 1e-3); early stopping patience 4.
+
+    val: .50 .60 .60 .59 .61 .61 .61 .61 .61 (epochs 1..9)
+    Keras' ReduceLROnPlateau (min_delta 1e-4): best .50, .60 (wait 0), then wait 1 (e3), 2 (e4): the
+    LR drops after epoch 4 (torch's scheduler would wait for epoch 5); .61 at e5 improves; e6 wait
+    1, e7 wait 2: drops again after epoch 7. EarlyStopping: improvements at 1, 2, 5; wait 1..4 at
+    epochs 6..9: it stops after epoch 9 with the weights of epoch 5."""
+    from raysd.core.cas import KerasPlateau
+
+    vals = [0.50, 0.60, 0.60, 0.59, 0.61, 0.61, 0.61, 0.61, 0.61]
+    opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1e-3)
+    plateau = KerasPlateau(factor=0.1, patience=2, min_lr=1e-5)
+    lrs = []
+    for v in vals:
+        plateau.step(v, opt)
+        lrs.append(round(opt.param_groups[0]["lr"], 8))
+    assert lrs == [1e-3, 1e-3, 1e-3, 1e-4, 1e-4, 1e-4, 1e-5, 1e-5, 1e-5]
+
+    cfg = CasConfig(variant="standard", max_epochs=20, batch_size=8, plateau_patience=2, early_stopping_patience=4)
+    x = np.zeros((16, 8, 8, 3), np.uint8)
+    y = np.arange(16) % 2
+    tr = CasTrainer((x, y), (x, y), 2, cfg=cfg, device="cpu")
+    feed = iter(vals)
+    tr.evaluate = lambda xs, ys: (next(feed), 0.0, None)  # the val accuracies of the hand computation
+    while not tr.done:
+        tr.train_epoch()
+    assert tr.epoch == 9 and tr.best_epoch == 5 and tr.best_val == 0.61
+    assert [round(h["lr"], 8) for h in tr.history] == lrs
+
+
+def test_fp32_precision_and_the_test_companion():
+    digits_x = np.random.default_rng(0).integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
+    y = np.arange(40) % 4
+    cfg = CasConfig(variant="standard", max_epochs=2, batch_size=16)
+    tr = CasTrainer((digits_x, y), (digits_x[:12], y[:12]), 4, cfg=cfg, device="cpu", precision="fp32",
+                    test=(digits_x[12:24], y[12:24]))
+    assert tr.autocast_dtype is None
+    tr.train_epoch()
+    assert tr.best_test is not None and 0 <= tr.best_test <= 1  # the test accuracy of the best-val weights
+    state = tr.state_dict()
+    assert state["best_test"] == tr.best_test

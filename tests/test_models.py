@@ -40,10 +40,10 @@ def test_class_encoder_null_class_and_label_dropout():
     assert 0.2 < dropped < 0.3 and torch.all(x.sum(1) == 1)
 
 
-@pytest.mark.parametrize("variant,params", [("paper", 4_288_778), ("standard", 269_722)])
+@pytest.mark.parametrize("variant,params", [("paper", 4_286_026), ("standard", 269_722)])
 def test_resnet20_parameter_counts_and_inputs(variant, params):
     m = resnet20(10, variant)
-    assert sum(p.numel() for p in m.parameters()) == params  # paper ~4.29M, standard ~0.27M
+    assert sum(p.numel() for p in m.parameters()) == params  # paper: the released Keras model's trainable count
     m.eval()
     for size in (28, 32):
         assert m(torch.rand(2, 3, size, size)).shape == (2, 10)
@@ -118,3 +118,39 @@ def test_missing_model_offline_gives_one_clear_error(monkeypatch, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(RaysdError, match="has no unet/config.json"):
         load_base_model(str(tmp_path / "empty"), resolution=128)
+
+
+def test_paper_resnet_is_the_released_architecture():
+    """Conv2D(use_bias=False), BatchNormalization(momentum=0.9, epsilon=1e-5), GlorotNormal Dense."""
+    m = resnet20(10, "paper")
+    convs = [x for x in m.modules() if isinstance(x, torch.nn.Conv2d)]
+    bns = [x for x in m.modules() if isinstance(x, torch.nn.BatchNorm2d)]
+    assert len(convs) == 19 and all(c.bias is None for c in convs)
+    assert all(b.momentum == 0.1 and b.eps == 1e-5 for b in bns)  # torch's 0.1 weighs the batch: Keras' 0.9
+    assert sum(b.running_mean.numel() + b.running_var.numel() for b in bns) == 5_504  # Keras' count_params extra
+    w = torch.cat([resnet20(10, "paper").fc.weight.flatten() for _ in range(20)])
+    std = (2 / (256 + 10)) ** 0.5  # GlorotNormal: truncated at 2 std, rescaled to this std
+    assert abs(w.std().item() - std) < 0.05 * std and w.abs().max().item() <= 2 * std / 0.8796 + 1e-6
+
+
+def test_v_prediction_target_and_its_noise_agree():
+    from raysd.core.models.diffusion import NoiseSchedule
+
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 3, 8, 8, generator=g)
+    for kind in ("epsilon", "v_prediction"):
+        s = NoiseSchedule(prediction_type=kind)
+        abar = float(s.alphas_cumprod()[500])
+        x_t = abar**0.5 * x0 + (1 - abar) ** 0.5 * eps
+        out = s.target(x0, eps, torch.tensor(abar))
+        torch.testing.assert_close(s.to_epsilon(out, x_t, abar), eps)  # a perfect UNet's output means that noise
+
+
+def test_a_base_whose_scheduler_disagrees_with_the_run_is_refused(tmp_path):
+    from raysd.core.models.diffusion import NoiseSchedule
+
+    save_base_model(build_tiny("tiny", 16), tmp_path / "v", NoiseSchedule(prediction_type="v_prediction"))
+    with pytest.raises(RaysdError, match="prediction_type=v_prediction.*--set model.prediction_type=v_prediction"):
+        load_base_model(str(tmp_path / "v"), resolution=16, schedule=NoiseSchedule())
+    base = load_base_model(str(tmp_path / "v"), resolution=16, schedule=NoiseSchedule(prediction_type="v_prediction"))
+    assert base.scheduler_config["prediction_type"] == "v_prediction"

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from raysd.errors import RaysdError
 from raysd.core.models import ClassEncoder
 from raysd.core.models.diffusion import NoiseSchedule, build_tiny
 from raysd.core.sampling import SamplerParams, generate, sample_latents

@@ -38,7 +38,7 @@ def test_a_trial_reads_only_its_evaluation_split_and_reports_every_epoch():
         return x, y, 2.0
 
     params = {"num_inference_steps": 7, "guidance_scale": 1.5, "epoch": 2}
-    run_trial(params, images_fn=images_fn, eval_split=_toy(24, 1), num_classes=3, cfg=cfg, device="cpu",
+    run_trial(params, images_fn=images_fn, val_split=_toy(24, 1), num_classes=3, cfg=cfg, device="cpu",
               report=lambda m, s: reports.append((m, s)))
     assert seen == params and [m["epoch"] for m, _ in reports] == [1, 2, 3, 4]
     cas = [m["cas"] for m, _ in reports]
@@ -46,7 +46,7 @@ def test_a_trial_reads_only_its_evaluation_split_and_reports_every_epoch():
     assert reports[0][0]["images_per_second"] == 24.0
     # a paused trial resumes from its state: two more reports, not four
     resumed = []
-    run_trial(params, images_fn=images_fn, eval_split=_toy(24, 1), num_classes=3, cfg=cfg, device="cpu",
+    run_trial(params, images_fn=images_fn, val_split=_toy(24, 1), num_classes=3, cfg=cfg, device="cpu",
               report=lambda m, s: resumed.append(m), restored=reports[1][1])
     assert [m["epoch"] for m in resumed] == [3, 4]
     assert [m["cas"] for m in resumed] == cas[2:]
@@ -73,10 +73,23 @@ def test_rebuilt_study_best_and_importances():
     assert best.trial_id == "t1" and best.best_cas == pytest.approx(0.6) and study.best_value == pytest.approx(0.6)
     imp = importances(trials, space, seed=0)
     assert set(imp["importances"]) == set(PARAMS) and sum(imp["importances"].values()) == pytest.approx(1.0)
-    assert imp["num_trials"] == 4 and imp["basis"] == "full-budget trials"  # the stopped trial is left out
+    assert imp["num_trials"] == 5 and "all trials" in imp["basis"]  # the paper's Fig. 1: every trial, last value
+    full = imp["full_budget"]
+    assert full["num_trials"] == 4 and sum(full["importances"].values()) == pytest.approx(1.0)  # not the stopped one
     assert importances(trials, space, seed=0) == imp  # seeded
 
 
 def test_trial_from_rows_marks_partial_trials():
     t = _reports()[2]
     assert t.epochs_run == 1 and not t.finished and t.status == "stopped early" and t.seconds == 3.0
+
+
+def test_the_paper_objective_reports_the_test_accuracy_of_the_best_val_weights():
+    cfg = load_config("demo", overrides={"cas.max_epochs": 3, "cas.batch_size": 16})
+    reports = []
+    x, y = _toy(48, 0)
+    run_trial({"num_inference_steps": 7, "guidance_scale": 1.5, "epoch": 2}, images_fn=lambda p: (x, y, 1.0),
+              val_split=_toy(24, 1), test_split=_toy(30, 2), num_classes=3, cfg=cfg, device="cpu",
+              report=lambda m, s: reports.append((m, s)))
+    for m, state in reports:
+        assert m["cas"] == state["best_test"] and m["val_cas"] == state["best_val"]

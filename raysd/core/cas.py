@@ -3,11 +3,13 @@
 The paper's protocol (its released Keras code): inputs in [0, 1] at native resolution, Adam
 (lr 1e-3, eps 1e-7), cross-entropy with label smoothing 0.1, batch 256, at most 100 epochs,
 ReduceLROnPlateau on val accuracy (factor 0.1, patience 10, min lr 1e-5, min delta 1e-4),
-early stopping on val accuracy (patience 25) restoring the best weights, no augmentation.
+early stopping on val accuracy (patience 25) restoring the best weights, no augmentation. Both
+callbacks count as Keras does: they fire when ``wait >= patience`` (torch's ReduceLROnPlateau
+fires one epoch later, when ``num_bad_epochs > patience``).
 
 The whole training set lives on the device as uint8 (N, 3, H, W); a batch is an index slice of
 a seeded ``randperm`` (no DataLoader, no per-sample Python). On CUDA: bf16 autocast and
-channels-last. :class:`CasTrainer` runs one epoch at a time and has a ``state_dict`` so a Tune
+channels-last (``precision="fp32"`` keeps the released fp32 numerics). :class:`CasTrainer` runs one epoch at a time and has a ``state_dict`` so a Tune
 trial can pause and resume; :func:`train_and_evaluate` is the whole protocol in one call.
 """
 
@@ -82,11 +84,47 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``precision`` on ``device``: auto = bf16 on CUDA; none on the CPU or for fp32."""
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    return torch.float16 if precision == "fp16" else torch.bfloat16
+
+
+@dataclass
+class KerasPlateau:
+    """Keras' ReduceLROnPlateau on a maximised metric (min_delta 1e-4, cooldown 0): after
+    ``patience`` epochs without an improvement (``wait >= patience``) the LR is multiplied by
+    ``factor``, not below ``min_lr``, and the count starts again."""
+
+    factor: float
+    patience: int
+    min_lr: float
+    min_delta: float = 1e-4
+    best: float = float("-inf")
+    wait: int = 0
+
+    def step(self, value: float, opt: torch.optim.Optimizer) -> bool:
+        """Record one epoch's value; True when it lowered the LR."""
+        if value > self.best + self.min_delta:
+            self.best, self.wait = value, 0
+            return False
+        self.wait += 1
+        lr = opt.param_groups[0]["lr"]
+        if self.wait >= self.patience and lr > np.float32(self.min_lr):  # Keras compares in float32
+            for group in opt.param_groups:
+                group["lr"] = max(lr * self.factor, self.min_lr)
+            self.wait = 0
+            return True
+        return False
+
+
 class CasTrainer:
     """ResNet20 on device-resident uint8 data, one epoch per :meth:`train_epoch` call."""
 
     def __init__(self, train: Any, val: Any, num_classes: int, *, cfg: CasConfig | None = None, seed: int = 0,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, precision: str = "auto", test: Any = None):
+        """``test``: also score each new best-val model on it (``best_test``), as the released search did."""
         self.cfg = cfg or CasConfig()
         self.device = torch.device(device) if device is not None else default_device()
         self.num_classes = num_classes
@@ -102,7 +140,8 @@ class CasTrainer:
             bs = max(1, min(bs, len(yt) // self.cfg.min_steps_per_epoch))
         self.batch_size = bs
         self.xv, self.yv = self._to_device(xv, yv)
-        self.cuda = self.device.type == "cuda"
+        self.xs, self.ys = self._to_device(*as_arrays(test, "test")) if test is not None else (None, None)
+        self.autocast_dtype = autocast_dtype(precision, self.device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = resnet20(num_classes, self.cfg.variant)
@@ -111,15 +150,14 @@ class CasTrainer:
         # the compiled forward shares the model's parameters; state_dict() stays the plain model's
         self.forward = torch.compile(self.model) if self.cfg.compile else self.model
         self.opt = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr, eps=self.cfg.eps)
-        self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            self.opt, mode="max", factor=self.cfg.plateau_factor, patience=self.cfg.plateau_patience,
-            threshold=1e-4, threshold_mode="abs", min_lr=self.cfg.min_lr)
+        self.plateau = KerasPlateau(self.cfg.plateau_factor, self.cfg.plateau_patience, self.cfg.min_lr)
         self.gen = torch.Generator("cpu").manual_seed(seed)
         self.epoch = 0
         self.best_val = -1.0
         self.best_epoch = 0
         self.wait = 0
         self.best_state: dict[str, torch.Tensor] | None = None
+        self.best_test: float | None = None  # test accuracy of the best-val weights, when ``test`` was given
         self.history: list[dict[str, float]] = []
 
     def _to_device(self, x: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,7 +172,8 @@ class CasTrainer:
         return x_uint8.permute(0, 3, 1, 2).float().div_(255.0)
 
     def _autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda)
+        dtype = self.autocast_dtype
+        return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
     @property
     def done(self) -> bool:
@@ -158,10 +197,12 @@ class CasTrainer:
             total += loss.detach() * len(idx)
         val_top1 = self.evaluate(self.xv, self.yv)[0]
         self.epoch += 1
-        self.plateau.step(val_top1)
-        if val_top1 > self.best_val:  # Keras EarlyStopping: strict improvement, min_delta 0
+        self.plateau.step(val_top1, self.opt)  # Keras order: ReduceLROnPlateau, then EarlyStopping
+        if val_top1 > self.best_val:  # Keras EarlyStopping: strict improvement, min_delta 0; stop at wait >= patience
             self.best_val, self.best_epoch, self.wait = val_top1, self.epoch, 0
             self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            if self.xs is not None:
+                self.best_test = self.evaluate(self.xs, self.ys)[0]
         else:
             self.wait += 1
         row = {"epoch": self.epoch, "train_loss": float(total) / n, "val_top1": val_top1,
@@ -206,7 +247,8 @@ class CasTrainer:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "model": self.model.state_dict(), "opt": self.opt.state_dict(), "plateau": self.plateau.state_dict(),
+            "model": self.model.state_dict(), "opt": self.opt.state_dict(), "plateau": asdict(self.plateau),
+            "best_test": self.best_test,
             "gen": self.gen.get_state(), "epoch": self.epoch, "best_val": self.best_val,
             "best_epoch": self.best_epoch, "wait": self.wait, "best_state": self.best_state,
             "history": copy.deepcopy(self.history),
@@ -215,7 +257,8 @@ class CasTrainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["opt"])
-        self.plateau.load_state_dict(state["plateau"])
+        self.plateau = KerasPlateau(**state["plateau"])
+        self.best_test = state.get("best_test")
         self.gen.set_state(state["gen"])
         self.epoch, self.best_val = int(state["epoch"]), float(state["best_val"])
         self.best_epoch, self.wait = int(state["best_epoch"]), int(state["wait"])
@@ -224,7 +267,7 @@ class CasTrainer:
 
 
 def train_and_evaluate(train: Any, val: Any, test: Any, num_classes: int, *, cfg: CasConfig | None = None,
-                       seed: int = 0, device: torch.device | str | None = None,
+                       seed: int = 0, device: torch.device | str | None = None, precision: str = "auto",
                        callback: Callable[[int, float, float], bool | None] | None = None) -> CasResult:
     """Train ResNet20 on ``train`` with the paper protocol; early-stop on ``val``; score ``test``.
 
@@ -232,7 +275,7 @@ def train_and_evaluate(train: Any, val: Any, test: Any, num_classes: int, *, cfg
     ``callback(epoch, train_loss, val_top1)`` runs after every epoch; returning True stops.
     """
     t0 = time.perf_counter()
-    tr = CasTrainer(train, val, num_classes, cfg=cfg, seed=seed, device=device)
+    tr = CasTrainer(train, val, num_classes, cfg=cfg, seed=seed, device=device, precision=precision)
     while not tr.done:
         row = tr.train_epoch()
         if callback is not None and callback(int(row["epoch"]), row["train_loss"], row["val_top1"]):
@@ -245,10 +288,10 @@ def train_and_evaluate(train: Any, val: Any, test: Any, num_classes: int, *, cfg
 
 
 def score_state(state: dict[str, Any], test: Any, num_classes: int, *, cfg: CasConfig | None = None,
-                device: torch.device | str | None = None) -> SplitScores:
+                device: torch.device | str | None = None, precision: str = "auto") -> SplitScores:
     """Test metrics of a saved :class:`CasTrainer` state (its best-val weights)."""
     cfg = cfg or CasConfig()
     xs, ys = as_arrays(test, "test")
-    tr = CasTrainer((xs[:1], ys[:1]), (xs[:1], ys[:1]), num_classes, cfg=cfg, device=device)
+    tr = CasTrainer((xs[:1], ys[:1]), (xs[:1], ys[:1]), num_classes, cfg=cfg, device=device, precision=precision)
     tr.model.load_state_dict(state["best_state"] if state.get("best_state") is not None else state["model"])
     return tr.test((xs, ys))

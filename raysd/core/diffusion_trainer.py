@@ -32,6 +32,7 @@ from raysd.config import TrainStepConfig
 from raysd.core.models.class_encoder import ClassEncoder
 from raysd.core.models.diffusion import NoiseSchedule
 from raysd.core.seeds import derive_seed
+from raysd.errors import RaysdError
 
 Kind = Literal["encoder", "unet", "pretrain"]
 PCA_COMPONENTS = 8
@@ -51,8 +52,9 @@ class TrainData:
 
 
 def steps_per_epoch(n: int, cfg: TrainStepConfig) -> int:
-    """One pass over the data (full batches), unless the config sets a step count."""
-    return cfg.steps_per_epoch or max(1, n // cfg.global_batch_size)
+    """One pass over the data, the last batch partial as the released code keeps it (DermaMNIST's
+    7,007 images at 64 give 109 full batches + 31 images), unless the config sets a step count."""
+    return cfg.steps_per_epoch or max(1, math.ceil(n / cfg.global_batch_size))
 
 
 def cosine_factor(total_steps: int) -> Callable[[int], float]:
@@ -108,6 +110,21 @@ def pca_context_projection(mean: torch.Tensor, seq_len: int, dim: int, seed: int
     return CaptionContext(codes.float(), proj.float(), seq_len, dim)
 
 
+def make_optimizer(params: list[torch.nn.Parameter], step: TrainStepConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW as the released SD_adapting.py (Adam with weight_decay=0.004, epsilon=1e-8: decoupled
+    decay); fused on CUDA, or bitsandbytes' 8-bit AdamW to fit a UNet's moments on a smaller card."""
+    kw = dict(lr=step.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=step.weight_decay)
+    if step.optimizer == "adamw_8bit":
+        if device.type != "cuda":
+            raise RaysdError("optimizer adamw_8bit runs on CUDA only; use adamw on the CPU")
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise RaysdError("optimizer adamw_8bit needs bitsandbytes (pip install bitsandbytes)") from None
+        return bnb.optim.AdamW8bit(params, **kw)
+    return torch.optim.AdamW(params, fused=device.type == "cuda", **kw)
+
+
 class DiffusionTrainer:
     """One kind of diffusion training over in-memory data; one epoch per :meth:`run_epoch`.
 
@@ -135,8 +152,7 @@ class DiffusionTrainer:
             self.encoder_fn, self.unet_fn = encoder, self.model
         self.params = [p for p in trainable.parameters() if p.requires_grad]
         step = cfg.step
-        self.opt = torch.optim.AdamW(self.params, lr=step.lr, betas=(0.9, 0.999), eps=1e-7,
-                                     weight_decay=step.weight_decay)
+        self.opt = make_optimizer(self.params, step, device)
         self.steps_per_epoch = steps_per_epoch(len(data), step)
         self.total_steps = self.steps_per_epoch * step.epochs
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, cosine_factor(self.total_steps))
@@ -145,38 +161,57 @@ class DiffusionTrainer:
 
     # -- one step ------------------------------------------------------------------------------
 
-    def _context(self, idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    def _context(self, idx: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:
+        """(B, L, D) context of samples ``idx``; ``drop`` marks those whose label becomes the null class."""
         if self.captions is not None:
             return self.captions.context(idx)
-        labels = self.data.labels[idx]
         assert self.encoder is not None
-        onehot = self.encoder.training_input(labels, self.cfg.label_dropout, g)
+        labels = self.data.labels[idx]
+        if drop is not None:
+            labels = torch.where(drop, torch.full_like(labels, self.encoder.num_classes), labels)
+        onehot = self.encoder.one_hot(labels)
         if self.cfg.kind == "encoder":
             return self.encoder_fn(onehot)
         with torch.no_grad():
             return self.encoder_fn(onehot)
 
-    def _x0(self, idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        mean = self.data.mean[idx]
-        if self.data.logvar is None:
-            return mean
-        noise = torch.randn(mean.shape, generator=g, device="cpu").to(self.device)
-        return (mean + torch.exp(0.5 * self.data.logvar[idx].clamp(-30, 20)) * noise) * self.cfg.scaling_factor
+    def _draws(self, n: int, g: torch.Generator) -> dict[str, torch.Tensor | None]:
+        """The random draws of a step for the whole global batch, on the CPU, in a fixed order:
+        every data-parallel rank draws the same and keeps its share, so N workers train exactly
+        as one would (same noise per sample, gradients averaged over the same global batch)."""
+        shape = (n, *self.data.mean.shape[1:])
+        out: dict[str, torch.Tensor | None] = {
+            "posterior": torch.randn(shape, generator=g, device="cpu") if self.data.logvar is not None else None}
+        out["t"] = torch.randint(0, self.T, (n,), generator=g, device="cpu")
+        out["eps"] = torch.randn(shape, generator=g, device="cpu")
+        dropout = self.cfg.label_dropout if self.encoder is not None and self.encoder.null_class else 0.0
+        out["drop"] = torch.rand((n,), generator=g, device="cpu") < dropout if dropout > 0 and self.captions is None \
+            else None
+        return out
 
-    def train_step(self, idx: torch.Tensor, g: torch.Generator) -> float:
-        x0 = self._x0(idx, g)
-        t = torch.randint(0, self.T, (len(idx),), generator=g, device="cpu").to(self.device)
-        eps = torch.randn(x0.shape, generator=g, device="cpu").to(self.device)
+    def train_step(self, batch: torch.Tensor, g: torch.Generator) -> float:
+        """One optimizer step on the global batch ``batch`` (sample indices); this rank computes its
+        share ``batch[rank::world]``. Returns this rank's loss."""
+        c = self.cfg
+        draws = self._draws(len(batch), g)
+        mine = slice(c.rank, None, c.world)
+        idx = batch[mine].to(self.device)
+        share = {k: v[mine].to(self.device) if v is not None else None for k, v in draws.items()}
+        x0 = self.data.mean[idx]
+        if share["posterior"] is not None:
+            x0 = (x0 + torch.exp(0.5 * self.data.logvar[idx].clamp(-30, 20)) * share["posterior"]) * c.scaling_factor
+        t, eps = share["t"], share["eps"]
         a = self.acp[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1.0 - a).sqrt() * eps
-        dtype = self.cfg.autocast_dtype
-        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            ctx = self._context(idx, g)
+        target = c.schedule.target(x0, eps, a)
+        with torch.autocast(self.device.type, dtype=c.autocast_dtype or torch.float32,
+                            enabled=c.autocast_dtype is not None):
+            ctx = self._context(idx, share["drop"])
             pred = self.unet_fn(x_t, t, encoder_hidden_states=ctx.to(x_t.dtype)).sample
-        loss = F.mse_loss(pred.float(), eps)
+        loss = F.mse_loss(pred.float(), target)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.step.grad_clip_norm)
+        torch.nn.utils.clip_grad_norm_(self.params, c.step.grad_clip_norm)
         self.opt.step()
         self.sched.step()
         self.step += 1
@@ -197,12 +232,11 @@ class DiffusionTrainer:
         b = c.step.global_batch_size
         losses = []
         images = 0
+        cycle = c.step.steps_per_epoch is not None  # a set step count cycles the data; else one pass
         for s in range(self.steps_per_epoch):
-            idx_range = torch.arange(s * b, (s + 1) * b) % len(order)  # steps beyond one pass cycle the data
-            batch = order[idx_range]
-            idx = batch[c.rank :: c.world].to(self.device)
-            losses.append(self.train_step(idx, g))
-            images += len(idx)
+            batch = order[torch.arange(s * b, (s + 1) * b) % len(order)] if cycle else order[s * b : (s + 1) * b]
+            losses.append(self.train_step(batch, g))
+            images += len(batch[c.rank :: c.world])
         return {"loss": float(np.mean(losses)), "images": images, "seconds": time.perf_counter() - t0}
 
     # -- resume state --------------------------------------------------------------------------

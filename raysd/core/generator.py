@@ -33,6 +33,7 @@ class GeneratorSpec:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     num_train_timesteps: int = 1000
+    prediction_type: str = "epsilon"
     seed: int = 0  # run seed: sample i's noise comes from (seed, i)
     compile: bool = False  # fast paths (DESIGN section 5): same images within fp tolerance
     fuse_qkv: bool = False
@@ -42,7 +43,7 @@ class GeneratorSpec:
         return SamplerParams(self.num_inference_steps, self.guidance_scale, self.scheduler)  # type: ignore[arg-type]
 
     def schedule(self) -> NoiseSchedule:
-        return NoiseSchedule(self.beta_start, self.beta_end, self.num_train_timesteps)
+        return NoiseSchedule(self.beta_start, self.beta_end, self.num_train_timesteps, self.prediction_type)
 
     def model_key(self) -> tuple:
         """The fields that decide the loaded models (not IS/UGS): many search trials share them."""

@@ -52,7 +52,8 @@ class ReleasedDDIM:
 
     def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor) -> SchedulerOutput:
         a_t, a_prev = self._alphas[int(timestep)]
-        eps, x = model_output, sample
+        x = sample
+        eps = self.schedule.to_epsilon(model_output, x, a_t)
         pred_x0 = (x - (1.0 - a_t) ** 0.5 * eps) / a_t**0.5
         return SchedulerOutput(a_prev**0.5 * pred_x0 + (1.0 - a_prev) ** 0.5 * eps)
 

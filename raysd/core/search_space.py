@@ -2,13 +2,14 @@
 the trials' reports (for the best trial and fANOVA importances).
 
 A trial generates ``search.num_images`` class-balanced images with its (IS, UGS, epoch), trains
-ResNet20 on them with the CAS protocol and reports, every classifier epoch, ``cas``: the best
-accuracy so far on the evaluation split (val, or test for the paper's objective). Only that
-split is ever loaded by a trial.
+ResNet20 on them with the CAS protocol (callbacks on the real val split) and reports, every
+classifier epoch, ``cas``: the best val accuracy so far, or, for the paper's objective
+(``objective=test``, the released ``hyp_opt.py``), the test accuracy of the best-val weights.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -69,27 +70,34 @@ class TrialReport:
     images_per_second: float | None
     status: str
     error: str | None = None
+    informed_by: int | None = None  # finished trials the searcher had seen when it suggested this one
+    node: str | None = None  # the Ray node it ran on (last)
 
 
 def run_trial(params: dict[str, Any], *, images_fn: Callable[[dict[str, Any]], tuple[Any, Any, float]],
-              eval_split: tuple[Any, Any], num_classes: int, cfg: Config, device: str,
-              report: Callable[[dict[str, Any], dict[str, Any]], None], restored: dict[str, Any] | None = None) -> None:
+              val_split: tuple[Any, Any], num_classes: int, cfg: Config, device: str,
+              report: Callable[[dict[str, Any], dict[str, Any]], None], restored: dict[str, Any] | None = None,
+              test_split: tuple[Any, Any] | None = None, precision: str = "auto") -> None:
     """One trial: images (cached by ``images_fn``), then classifier epochs, a report after each.
 
+    ``test_split`` (objective=test): ``cas`` is the test accuracy of the best-val weights.
     ``restored`` is a state from an earlier report of this trial (a paused or retried trial
     continues where it stopped). ``report(metrics, state)`` receives the trainer state to save.
     """
     from raysd.core.cas import CasTrainer
 
     images, labels, gen_seconds = images_fn(params)
-    trainer = CasTrainer((images, labels), eval_split, num_classes, cfg=cfg.cas, seed=cfg.seed, device=device)
+    trainer = CasTrainer((images, labels), val_split, num_classes, cfg=cfg.cas, seed=cfg.seed, device=device,
+                         precision=precision, test=test_split)
     if restored is not None:
         trainer.load_state_dict(restored)
     rate = len(labels) / gen_seconds if gen_seconds > 0 else None
     while not trainer.done:
         row = trainer.train_epoch()
+        objective = trainer.best_test if test_split is not None else trainer.best_val
         metrics = {
-            "epoch": int(row["epoch"]), "cas": float(trainer.best_val), "epoch_cas": float(row["val_top1"]),
+            "epoch": int(row["epoch"]), "cas": float(objective), "val_cas": float(trainer.best_val),
+            "epoch_cas": float(row["val_top1"]),
             "train_loss": float(row["train_loss"]), "finished": bool(trainer.done),
             "generation_seconds": float(gen_seconds), "images_per_second": rate,
             "classifier_seconds": float(row["seconds"]),
@@ -98,7 +106,7 @@ def run_trial(params: dict[str, Any], *, images_fn: Callable[[dict[str, Any]], t
 
 
 def trial_from_rows(trial_id: str, params: dict[str, Any], rows: list[dict[str, Any]], status: str,
-                    error: str | None = None) -> TrialReport:
+                    error: str | None = None, informed_by: int | None = None) -> TrialReport:
     cas = [r["cas"] for r in rows if r.get("cas") is not None and not _nan(r["cas"])]
     last = rows[-1] if rows else {}
     return TrialReport(
@@ -107,7 +115,7 @@ def trial_from_rows(trial_id: str, params: dict[str, Any], rows: list[dict[str, 
         last_cas=cas[-1] if cas else None, seconds=float(sum(r.get("classifier_seconds", 0.0) or 0.0 for r in rows)
                                                         + (last.get("generation_seconds") or 0.0)),
         generation_seconds=last.get("generation_seconds"), images_per_second=last.get("images_per_second"),
-        status=status, error=error)
+        status=status, error=error, informed_by=informed_by, node=last.get("node"))
 
 
 def _nan(x: Any) -> bool:
@@ -138,32 +146,40 @@ def best_trial(trials: list[TrialReport]) -> TrialReport:
     return max(scored, key=lambda t: (t.best_cas, t.finished))
 
 
-def importances(trials: list[TrialReport], space: SearchSpace, seed: int) -> dict[str, Any]:
-    """fANOVA importances (seeded), on the trials that ran the full budget when there are enough.
-
-    Trials stopped early by the scheduler report low-fidelity values; they are used only when
-    fewer than 3 trials finished, and the result says so.
-    """
+def fanova(trials: list[TrialReport], space: SearchSpace, seed: int) -> dict[str, float]:
+    """Normalised fANOVA importances (seeded) of the trials' values; even when nothing varies."""
     import optuna
     from optuna.importance import FanovaImportanceEvaluator
 
-    full = [t for t in trials if t.finished and t.best_cas is not None]
-    scored = [t for t in trials if t.best_cas is not None]
-    use, basis = (full, "full-budget trials") if len(full) >= 3 else (scored, "all trials (too few ran the full budget)")
     values = {p: 0.0 for p in PARAMS}
-    if len(use) >= 2 and len({t.best_cas for t in use}) > 1:
-        study = rebuild_study(use, space, seed)
-        varying = [p for p in PARAMS if len({t.params[p] for t in use}) > 1]
+    if len(trials) >= 2 and len({t.best_cas for t in trials}) > 1:
+        varying = [p for p in PARAMS if len({t.params[p] for t in trials}) > 1]
         if varying:
-            raw = optuna.importance.get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=seed),
-                                                          params=varying, normalize=True)
+            raw = optuna.importance.get_param_importances(rebuild_study(trials, space, seed), params=varying,
+                                                          evaluator=FanovaImportanceEvaluator(seed=seed),
+                                                          normalize=True)
             values.update({k: float(v) for k, v in raw.items()})
     total = sum(values.values())
-    if total > 0:
-        values = {k: v / total for k, v in values.items()}
-    else:  # no signal (one trial, or all equal): no parameter explains anything; spread evenly
-        values = {k: 1.0 / len(PARAMS) for k in PARAMS}
-    return {"importances": values, "num_trials": len(use), "basis": basis, "evaluator": "fanova", "seed": seed}
+    if total <= 0:  # no signal (one trial, or all equal): no parameter explains anything; spread evenly
+        return {k: 1.0 / len(PARAMS) for k in PARAMS}
+    return {k: v / total for k, v in values.items()}
+
+
+def importances(trials: list[TrialReport], space: SearchSpace, seed: int) -> dict[str, Any]:
+    """fANOVA importances on two bases, each named.
+
+    ``importances``: every trial at its last reported value, as the paper's Fig. 1 (its search
+    never pruned, so all of its trials ran the full budget). ``full_budget``: only the trials
+    that ran the full classifier protocol (survivors of the scheduler and the unprunable ones).
+    """
+    scored = [t for t in trials if t.last_cas is not None]
+    last = [dataclasses.replace(t, best_cas=t.last_cas) for t in scored]  # the study takes best_cas as the value
+    full = [t for t in scored if t.finished]
+    return {"importances": fanova(last, space, seed), "num_trials": len(last),
+            "basis": "all trials at their last reported value (the paper's Fig. 1)",
+            "full_budget": {"importances": fanova(full, space, seed), "num_trials": len(full),
+                            "basis": "trials that ran the full classifier budget"},
+            "evaluator": "fanova", "seed": seed}
 
 
 # --------------------------------------------------------------------------------------------

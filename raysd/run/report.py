@@ -50,14 +50,19 @@ def _pct(x: float | None) -> str:
 def fig_importance(res: dict[str, Any]):
     import matplotlib.pyplot as plt
 
-    imp = res.get("importance", {})
+    imp, full = res.get("importance", {}), res.get("importance_full_budget", {})
     if not imp:
         return None
-    fig, axes = plt.subplots(1, len(imp), figsize=(4.2 * len(imp), 2.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(imp), figsize=(4.2 * len(imp), 2.6), squeeze=False)
     for ax, (name, values) in zip(axes[0], imp.items()):
         keys = list(values)
-        ax.barh([PARAM_NAMES.get(k, k) for k in keys], [values[k] for k in keys], color="#4C72B0")
+        y = np.arange(len(keys))
+        ax.barh(y + 0.2, [values[k] for k in keys], height=0.4, color="#4C72B0", label="all trials (paper's Fig. 1)")
+        if name in full:
+            ax.barh(y - 0.2, [full[name][k] for k in keys], height=0.4, color="#DD8452", label="full-budget trials")
+        ax.set_yticks(y, [PARAM_NAMES.get(k, k) for k in keys])
         ax.set_xlim(0, 1)
+        ax.legend(fontsize=6, loc="lower right")
         ax.set_title(f"{name.replace('_', ' ')}: fANOVA importance", fontsize=9)
     fig.tight_layout()
     return fig
@@ -229,23 +234,22 @@ def write_report(run_dir: str) -> dict[str, Any]:
             "confusion": fig_confusions(res), "timings": fig_timings(res)}
     pngs = {k: _png(f) for k, f in figs.items() if f is not None}
     for k, data in pngs.items():
-        storage.write_bytes_atomic(storage.join(run_dir, "figures", f"{k}.png"), data)
+        storage.write_bytes(storage.join(run_dir, "figures", f"{k}.png"), data)
     for phase in (1, 2):  # Optuna's optimization history of each search, when drawn
         p = storage.join(Run(cfg).search_dir(phase), "optimization_history.png")
         if storage.exists(p):
             pngs[f"search_{phase}_history"] = storage.read_bytes(p)
     md, body = _text(res, pngs)
-    storage.write_bytes_atomic(storage.join(run_dir, "report.md"), md.encode())
-    storage.write_bytes_atomic(storage.join(run_dir, "report.html"), body.encode())
+    storage.write_bytes(storage.join(run_dir, "report.md"), md.encode())
+    storage.write_bytes(storage.join(run_dir, "report.html"), body.encode())
     return {"report_md": storage.join(run_dir, "report.md"), "report_html": storage.join(run_dir, "report.html"),
             "figures": sorted(pngs)}
 
 
-def _text(res: dict[str, Any], pngs: dict[str, bytes]) -> tuple[str, str]:
-    t1, t2, pc = table1(res), table2(res), per_class_table(res)
+def _notes(res: dict[str, Any]) -> list[str]:
+    """The report's opening bullet points: what was run, on what, and how to read it."""
     gen = res.get("generation") or {}
     base = res.get("pretrained_base")
-    title = f"raysd report: {res['dataset']} ({res['preset']} preset)"
     notes = [f"Base model: `{res['base_model']}`; seed {res['seed']}."]
     if base:
         notes.append(f"No pretrained weights were used: the tiny base was pretrained here for {base.get('steps')} steps "
@@ -254,6 +258,11 @@ def _text(res: dict[str, Any], pngs: dict[str, bytes]) -> tuple[str, str]:
     if gen:
         notes.append(f"Generation: {gen.get('num_images')} images at {gen.get('images_per_second', 0):.1f} images/s "
                      f"with {gen.get('params')}.")
+    if res.get("numerics"):
+        notes.append(f"Numerics: {res['numerics']}.")
+    if res.get("search_objective") == "test":
+        notes.append("Search objective: the test accuracy of each trial's best-val weights (the paper's protocol; "
+                     "it lets the test split choose the parameters).")
     notes.append("CAS: ResNet20 trained on the named set only, early-stopped on the real validation split, scored on "
                  "the real test split.")
     n1 = min((s.get("num_images") or 0 for s in res.get("steps", {}).values()), default=0)
@@ -261,6 +270,13 @@ def _text(res: dict[str, Any], pngs: dict[str, bytes]) -> tuple[str, str]:
         notes.append(f"Table 1 scores classifiers trained on only {n1} generated images each: differences of several "
                      "points between its rows are within the noise of one such run (the searches pick the best of "
                      "a few noisy trials on the validation split, so a step can score lower on the test split).")
+    return notes
+
+
+def _text(res: dict[str, Any], pngs: dict[str, bytes]) -> tuple[str, str]:
+    t1, t2, pc = table1(res), table2(res), per_class_table(res)
+    title = f"raysd report: {res['dataset']} ({res['preset']} preset)"
+    notes = _notes(res)
     sections = [
         ("Table 1: CAS after each step", t1, None),
         ("Table 2: real data against synthetic data at each scale", t2, "scaling"),

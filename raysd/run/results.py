@@ -52,6 +52,9 @@ def build_results(cfg: Config, manifest: dict[str, Any]) -> dict[str, Any]:
         "dataset": cfg.dataset.name, "preset": cfg.preset, "base_model": cfg.model.base_model, "seed": cfg.seed,
         "steps": {k: s.table1_row() for k, s in steps.items()},
         "importance": {s: st[s]["importance"] for s in ("search_1", "search_2") if s in st},
+        "importance_full_budget": {s: st[s]["importance_basis"]["full_budget"]["importances"]
+                                   for s in ("search_1", "search_2") if "full_budget" in st.get(s, {}).get(
+                                       "importance_basis", {})},
         "scaling": {k: s.table2_row() for k, s in scaling.items()},
         "timings": timings,
         "per_class": {k: s.per_class for k, s in {**steps, **scaling}.items()},
@@ -59,11 +62,20 @@ def build_results(cfg: Config, manifest: dict[str, Any]) -> dict[str, Any]:
         "generation": {k: gen.get(k) for k in ("set", "num_images", "images_per_second", "params", "seconds")}
         if gen else {},
         "pretrained_base": st.get("pretrain"),
+        "numerics": NUMERICS[cfg.model.precision],
+        "search_objective": cfg.search.objective,
         "paper": PAPER_TABLE2.get(cfg.dataset.name),
         "provenance": manifest.get("provenance", {}),
     }
-    storage.write_json_atomic(storage.join(cfg.run_dir, "results.json"), results)
+    storage.write_json(storage.join(cfg.run_dir, "results.json"), results)
     return results
 
+
+NUMERICS = {  # what model.precision means for training, generation and the CAS classifiers
+    "auto": "bf16 autocast on CUDA (fp32 on the CPU); the released code ran fp32 (precision: fp32 reproduces it)",
+    "fp32": "fp32 everywhere, as the released code",
+    "bf16": "bf16 autocast on CUDA (fp32 on the CPU)",
+    "fp16": "fp16 autocast on CUDA (fp32 on the CPU)",
+}
 
 SCHEMA_KEYS = ("dataset", "preset", "base_model", "seed", "steps", "importance", "scaling", "timings")

@@ -18,21 +18,22 @@ log = logging.getLogger("raysd")
 def write_trials_csv(trials: list[TrialReport], path: str) -> None:
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["trial_id", *PARAMS, "status", "epochs_run", "last_cas", "best_cas", "seconds", "generation_seconds",
-                "images_per_second", "error"])
+    w.writerow(["trial_id", *PARAMS, "status", "epochs_run", "informed_by", "last_cas", "best_cas", "seconds",
+                "generation_seconds", "images_per_second", "node", "error"])
     for t in trials:
-        w.writerow([t.trial_id, *(t.params[k] for k in PARAMS), t.status, t.epochs_run, t.last_cas, t.best_cas,
-                    round(t.seconds, 3), t.generation_seconds, t.images_per_second, t.error or ""])
-    storage.write_bytes_atomic(path, buf.getvalue().encode())
+        w.writerow([t.trial_id, *(t.params[k] for k in PARAMS), t.status, t.epochs_run,
+                    "" if t.informed_by is None else t.informed_by, t.last_cas, t.best_cas, round(t.seconds, 3),
+                    t.generation_seconds, t.images_per_second, t.node or "", t.error or ""])
+    storage.write_bytes(path, buf.getvalue().encode())
 
 
 def write_outputs(out: str, trials: list[TrialReport], space: SearchSpace, seed: int, best: SearchBest) -> dict:
     """trials.csv, importance.json, the plots, then best.json; returns the importances."""
     imp = importances(trials, space, seed)
     write_trials_csv(trials, storage.join(out, "trials.csv"))
-    storage.write_json_atomic(storage.join(out, "importance.json"), imp)
+    storage.write_json(storage.join(out, "importance.json"), imp)
     write_plots(rebuild_study(trials, space, seed), imp, out)
-    storage.write_json_atomic(storage.join(out, "best.json"), best.to_json())  # last: marks the search complete
+    storage.write_json(storage.join(out, "best.json"), best.to_json())  # last: marks the search complete
     return imp
 
 
@@ -75,4 +76,4 @@ def write_plots(study: Any, imp: dict[str, Any], out: str) -> None:
 def save_figure(fig: Any, path: str) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    storage.write_bytes_atomic(path, buf.getvalue())
+    storage.write_bytes(path, buf.getvalue())

@@ -15,12 +15,11 @@ from typing import Any
 
 import ray
 from ray import tune
-from ray.tune.schedulers import HyperBandScheduler
 
 from raysd.config import Config, fingerprint
 from raysd.core.cas import SplitScores, score_state
-from raysd.core.search_space import (PARAMS, SearchSpace, TrialReport, best_trial, hyperband_brackets, milestones,
-                                     phase1_space, phase2_space, trial_from_rows)
+from raysd.core.search_space import (SearchSpace, TrialReport, best_trial, milestones, phase1_space, phase2_space,
+                                     trial_from_rows)
 from raysd.data import checkpoints as ck
 from raysd.data import storage
 from raysd.errors import RaysdError
@@ -30,6 +29,7 @@ from raysd.run.search_outputs import write_outputs
 from raysd.stages.cluster import connect
 from raysd.stages.prepare import ensure_prepared
 from raysd.stages.search_trial import STATE_FILE, TrialContext, search_trial
+from raysd.stages.tuning import INFORMED_BY, TrialLogger, live_limit, make_scheduler, make_searcher, run_tuner
 
 log = logging.getLogger("raysd")
 
@@ -94,45 +94,23 @@ def max_concurrent(cfg: Config, device: str) -> int:
         return cfg.search.max_concurrent_trials
     res = ray.cluster_resources()
     r = cfg.resources
-    if device == "cuda" and r.gpus_per_trial > 0:
-        return max(1, int(res.get("GPU", 1) / r.gpus_per_trial))
+    if device == "cuda" and r.gpus_per_trial > 0:  # the capacity the cluster has or can grow to
+        return max(1, int(max(res.get("GPU", 1), r.max_gpus or 0) / r.gpus_per_trial))
     return max(1, int(res.get("CPU", 1) / max(r.cpus_per_trial, 1e-3)))
 
 
 def trial_context(run: Run, phase: int, fixed: dict[str, Any], device: str) -> TrialContext:
-    """What every trial receives: the run and the one evaluation split it may read."""
+    """What every trial receives: the run and the real splits it may read (test: objective=test only)."""
     cfg = run.cfg
-    eval_split = "test" if cfg.search.objective == "test" else "val"
-    ev = run.read_split(eval_split)
+    val = run.read_split("val")
+    test = run.read_split("test") if cfg.search.objective == "test" else None
     running = min(max_concurrent(cfg, device), cfg.search.num_trials)
     r = cfg.resources
     # trials that share a small CPU machine get one thread per reserved CPU; a lone trial may use more
     threads = max(1, int(r.cpus_per_trial)) if running > 1 else (r.torch_threads or max(1, int(r.cpus_per_trial)))
-    return TrialContext(run=run, phase=phase, fixed=fixed, device=device, eval_split=eval_split,
-                        eval_images=ev.images, eval_labels=ev.labels, num_classes=ev.num_classes,
+    return TrialContext(run=run, phase=phase, fixed=fixed, device=device, val=(val.images, val.labels),
+                        num_classes=val.num_classes, test=(test.images, test.labels) if test is not None else None,
                         milestones=sorted(milestones(cfg)), threads=threads)
-
-
-def _searcher(ctx: TrialContext, space: SearchSpace, out: str, concurrent: int) -> Any:
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
-
-    cfg = ctx.run.cfg
-    storage_url = f"sqlite:///{os.path.join(storage.local_path(out), 'optuna.db')}" if storage.is_local(out) else None
-    sampler = optuna.samplers.TPESampler(seed=cfg.seed, multivariate=True, constant_liar=concurrent > 1)
-    return OptunaSearch(space=space.distributions(), metric="cas", mode="max", sampler=sampler,
-                        study_name=f"raysd-search-{ctx.phase}",
-                        storage=optuna.storages.RDBStorage(storage_url) if storage_url else None)
-
-
-def _scheduler(cfg: Config) -> Any:
-    from ray.tune.schedulers import ASHAScheduler
-
-    s = cfg.search
-    if s.scheduler == "hyperband":
-        return FixedHyperBand(time_attr="epoch", max_t=cfg.cas.max_epochs, reduction_factor=s.reduction_factor)
-    return ASHAScheduler(time_attr="epoch", max_t=cfg.cas.max_epochs, grace_period=s.grace_period,
-                         reduction_factor=s.reduction_factor)
 
 
 def _fit(ctx: TrialContext, space: SearchSpace, out: str) -> Any:
@@ -140,58 +118,15 @@ def _fit(ctx: TrialContext, space: SearchSpace, out: str) -> Any:
     r, s = cfg.resources, cfg.search
     resources = {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial if ctx.device == "cuda" else 0}
     trainable = tune.with_resources(tune.with_parameters(search_trial, ctx=ctx), resources)
-    fs, exp_parent = storage.filesystem(out)
-    exp_path = storage.join(out, "tune")
-    if tune.Tuner.can_restore(exp_path):
-        log.info("search %d: resuming the interrupted search in %s", ctx.phase, exp_path)
-        return tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True).fit()
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    conc = min(max_concurrent(cfg, ctx.device), s.num_trials)
-    # Tune counts PAUSED trials against max_concurrent_trials: a HyperBand bracket can only fill
-    # (and prune) when that many trials may be alive at once. Resources still bound how many run.
-    limit = max(conc, max(hyperband_brackets(cfg.cas.max_epochs, s.reduction_factor).values(), default=1)
-                ) if s.scheduler == "hyperband" else conc
-    log.info("search %d: %d trials (%d at once, %s, objective %s) over %s", ctx.phase, s.num_trials, conc, s.scheduler,
-             s.objective, space.to_dict())
-    tuner = tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(metric="cas", mode="max", search_alg=_searcher(ctx, space, out, conc),
-                                    scheduler=_scheduler(cfg), num_samples=s.num_trials,
-                                    max_concurrent_trials=min(limit, s.num_trials), reuse_actors=True),
-        run_config=tune.RunConfig(name="tune", storage_path=exp_parent, storage_filesystem=fs,
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                                  failure_config=tune.FailureConfig(max_failures=r.max_failures),
-                                  callbacks=[TrialLogger()], verbose=1),
-    )
-    return tuner.fit()
-
-
-class FixedHyperBand(HyperBandScheduler):
-    """Ray 2.60's HyperBandScheduler, with one fix: when a trial ends (early stopping) and its
-    bracket is thereby finished, the bracket's PAUSED trials are stopped. Ray skips this, and a
-    trial paused at the end of its budget then waits forever (seen with 6 trials, max_t 3)."""
-
-    def on_trial_remove(self, tune_controller, trial):  # noqa: ANN001
-        bracket, _ = self._trial_info[trial]
-        bracket.cleanup_trial(trial)
-        if bracket.finished():
-            bracket.cleanup_full(tune_controller)
-        elif not bracket.is_being_processed:
-            self._process_bracket(tune_controller, bracket)
-
-
-class TrialLogger(tune.Callback):
-    """One line per finished trial: parameters, CAS, epochs, seconds."""
-
-    def on_trial_complete(self, iteration, trials, trial, **info):  # noqa: ANN001
-        r = trial.last_result or {}
-        p = {k: trial.config.get(k) for k in PARAMS}
-        print(f"[raysd] trial {trial.trial_id}: IS={p['num_inference_steps']} UGS={p['guidance_scale']:.3f} "
-              f"epoch={p['epoch']}: CAS {r.get('cas', float('nan')):.4f} after {r.get('epoch', 0)} epochs "
-              f"({'full' if r.get('finished') else 'stopped early'}), {r.get('time_total_s', 0):.1f}s", flush=True)
-
-    def on_trial_error(self, iteration, trials, trial, **info):  # noqa: ANN001
-        print(f"[raysd] trial {trial.trial_id} failed: {trial.error_file}", flush=True)
+    running = min(max_concurrent(cfg, ctx.device), s.num_trials)
+    sqlite = f"sqlite:///{os.path.join(storage.local_path(out), 'optuna.db')}" if storage.is_local(out) else None
+    searcher = make_searcher(space.distributions(), seed=cfg.seed, concurrent=running, storage_url=sqlite,
+                             study_name=f"raysd-search-{ctx.phase}")
+    log.info("search %d: %d trials (%d at once, %s, objective %s) over %s", ctx.phase, s.num_trials, running,
+             s.scheduler, s.objective, space.to_dict())
+    return run_tuner(trainable, out, searcher=searcher, scheduler=make_scheduler(s, cfg.cas.max_epochs),
+                     num_samples=s.num_trials, max_live=live_limit(s, cfg.cas.max_epochs, running),
+                     max_failures=r.max_failures, callbacks=[TrialLogger()])
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,7 +139,8 @@ def _trial_report(result) -> TrialReport:  # noqa: ANN001 - ray.tune.Result
     trial_id = (result.metrics or {}).get("trial_id") or os.path.basename(str(result.path))
     status = "error" if result.error else ("full" if rows and rows[-1].get("finished") else "stopped early")
     return trial_from_rows(str(trial_id), result.config, rows, status,
-                           error=str(result.error).splitlines()[0] if result.error else None)
+                           error=str(result.error).splitlines()[0] if result.error else None,
+                           informed_by=result.config.get(INFORMED_BY))
 
 
 def _summarize(run: Run, phase: int, space: SearchSpace, fixed: dict[str, Any], trials: list[TrialReport], grid,
@@ -242,4 +178,5 @@ def _score_best(run: Run, result, device: str) -> SplitScores:  # noqa: ANN001
     r = run.cfg.resources
     task = ray.remote(score_state).options(num_cpus=r.cpus_per_trial,
                                            num_gpus=r.gpus_per_trial if device == "cuda" else 0)
-    return ray.get(task.remote(state, (test.images, test.labels), test.num_classes, cfg=run.cfg.cas, device=device))
+    return ray.get(task.remote(state, (test.images, test.labels), test.num_classes, cfg=run.cfg.cas, device=device,
+                               precision=run.cfg.model.precision))

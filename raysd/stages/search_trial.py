@@ -6,11 +6,13 @@ each (and a checkpoint where the scheduler may pause or stop it), via the Ray-fr
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 from ray import tune
 
@@ -30,16 +32,16 @@ STATE_FILE = "trial_state.pt"
 
 @dataclass
 class TrialContext:
-    """What every trial of a search receives: the run and the one evaluation split it may read."""
+    """What every trial of a search receives: the run and the real splits it may read (val for the
+    callbacks; test only for the paper's objective, scored with the best-val weights)."""
 
     run: Run
     phase: int
     fixed: dict[str, Any]  # phase 1: {"module": "encoder"}; phase 2: also the frozen encoder_epoch
     device: str
-    eval_split: str  # "val", or "test" for the paper's objective
-    eval_images: np.ndarray
-    eval_labels: np.ndarray
+    val: tuple[np.ndarray, np.ndarray]
     num_classes: int
+    test: tuple[np.ndarray, np.ndarray] | None = None  # objective=test only
     milestones: list[int] = field(default_factory=list)  # epochs with a checkpoint (the schedulers' rungs)
     threads: int = 1  # torch threads of a CPU trial
 
@@ -58,22 +60,25 @@ def search_trial(config: dict[str, Any], ctx: TrialContext) -> None:
             restored = torch.load(os.path.join(d, STATE_FILE), weights_only=True, map_location="cpu")
     miles = set(ctx.milestones)
 
+    node = ray.get_runtime_context().get_node_id()[:8]
+
     def report(metrics: dict[str, Any], state: dict[str, Any]) -> None:
         maybe_fail(f"trial_epoch_{metrics['epoch']}")  # fault tests: the trial process dies mid-trial
+        metrics = {**metrics, "node": node}
         if metrics["epoch"] in miles or metrics["finished"]:
-            local = ck.local_tmpdir("raysd-trial-")
-            torch.save(state, os.path.join(local, STATE_FILE))
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(local))
+            # Tune copies the checkpoint to the run directory inside report(); then the local copy goes
+            with tempfile.TemporaryDirectory(prefix="raysd-trial-", dir=ck.tmp_root()) as local:
+                torch.save(state, os.path.join(local, STATE_FILE))
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(local))
         else:
             tune.report(metrics)
 
-    run_trial(params, images_fn=lambda p: trial_images(ctx, p, device), eval_split=(ctx.eval_images, ctx.eval_labels),
-              num_classes=ctx.num_classes, cfg=cfg, device=device, report=report, restored=restored)
+    run_trial(params, images_fn=lambda p: trial_images(ctx, p, device), val_split=ctx.val, num_classes=ctx.num_classes,
+              cfg=cfg, device=device, report=report, restored=restored, test_split=ctx.test,
+              precision=cfg.model.precision)
 
 
 def _has_gpu() -> bool:
-    import ray
-
     return bool(ray.get_gpu_ids())
 
 
@@ -110,7 +115,7 @@ def trial_images(ctx: TrialContext, params: dict[str, Any], device: str) -> tupl
     images = load_generator(spec, device).images(plan.labels, plan.seeds, batch_size=cfg.sampling.batch_size)
     seconds = time.perf_counter() - t0
     data = st_save({"images": torch.from_numpy(np.ascontiguousarray(images)), "labels": torch.from_numpy(plan.labels)})
-    storage.write_bytes_atomic(path, data)
-    storage.write_json_atomic(info_path, {"seconds": seconds, "params": params, "num_images": n,
+    storage.write_bytes(path, data)
+    storage.write_json(info_path, {"seconds": seconds, "params": params, "num_images": n,
                                           "sha256": storage.sha256_bytes(data)})  # last: marks the cache entry
     return images, plan.labels, seconds

@@ -21,11 +21,23 @@ RANDOM = ("random:sd2-base", "random:sd-v1")
 
 @dataclass
 class NoiseSchedule:
-    """DDPM training schedule (SD's): scaled_linear betas, epsilon prediction."""
+    """DDPM schedule (SD's): scaled_linear betas; the UNet predicts the noise (``epsilon``) or
+    ``v_prediction`` (v = sqrt(abar) eps - sqrt(1 - abar) x0, as SD 2's 768-px models)."""
 
     beta_start: float = 0.00085
     beta_end: float = 0.012
     num_train_timesteps: int = 1000
+    prediction_type: str = "epsilon"
+
+    def target(self, x0: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+        """What the UNet is trained to output for x_t = sqrt(abar) x0 + sqrt(1 - abar) eps."""
+        return eps if self.prediction_type == "epsilon" else abar.sqrt() * eps - (1.0 - abar).sqrt() * x0
+
+    def to_epsilon(self, output: torch.Tensor, x_t: torch.Tensor, abar: float) -> torch.Tensor:
+        """The noise a UNet output stands for (identity for epsilon prediction)."""
+        if self.prediction_type == "epsilon":
+            return output
+        return abar**0.5 * output + (1.0 - abar) ** 0.5 * x_t
 
     def betas(self) -> torch.Tensor:
         # scaled_linear: linear in sqrt(beta), as SD and diffusers define it (float64 for accuracy)
@@ -36,7 +48,15 @@ class NoiseSchedule:
 
     def diffusers_config(self) -> dict[str, Any]:
         return {"num_train_timesteps": self.num_train_timesteps, "beta_start": self.beta_start,
-                "beta_end": self.beta_end, "beta_schedule": "scaled_linear", "prediction_type": "epsilon"}
+                "beta_end": self.beta_end, "beta_schedule": "scaled_linear", "prediction_type": self.prediction_type}
+
+    def mismatch(self, scheduler_config: dict[str, Any]) -> list[str]:
+        """Keys where a base model's ``scheduler_config.json`` disagrees with this schedule."""
+        mine = self.diffusers_config()
+        out = [k for k in ("num_train_timesteps", "beta_schedule", "prediction_type")
+               if k in scheduler_config and scheduler_config[k] != mine[k]]
+        return out + [k for k in ("beta_start", "beta_end")
+                      if k in scheduler_config and abs(float(scheduler_config[k]) - mine[k]) > 1e-9]
 
 
 @dataclass
@@ -48,6 +68,7 @@ class BaseModel:
     resolution: int  # pixel size of the images the model sees
     source: str
     tiny_decoder: Any | None = None  # diffusers.AutoencoderTiny decoding in place of the VAE (an option)
+    scheduler_config: dict[str, Any] | None = None  # the base's scheduler/scheduler_config.json, when it has one
 
     @property
     def cross_attention_dim(self) -> int:

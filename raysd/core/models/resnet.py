@@ -3,8 +3,10 @@
 ``paper`` (the released Keras code): stem conv3x3/64 + BN + ReLU; three stages of three
 BasicBlocks with 64/128/256 filters, stride 2 at stages 2 and 3; where stride or width change,
 the shortcut is a 3x3 max-pool (stride s, TF 'same' padding) then zero channel padding (no 1x1
-conv); global average pool; linear. Convolutions He-normal (Keras' truncated normal), TF
-'same' padding, Keras BatchNorm settings (momentum 0.99, eps 1e-3). About 4.29M parameters.
+conv); global average pool; Dense. Exactly the released blocks: convolutions without bias
+(``use_bias=False``), He-normal (Keras' truncated normal), TF 'same' padding;
+``BatchNormalization(momentum=0.9, epsilon=1e-5)``; a GlorotNormal Dense head. 4,286,026
+trainable parameters for 10 classes (Keras' count_params adds the 5,504 BN moving statistics).
 
 ``standard`` (He et al. 2016, CIFAR ResNet20): 16/32/64 filters, option-A shortcut
 (subsample + zero channel padding), about 0.27M parameters.
@@ -47,8 +49,14 @@ class ConvSame(nn.Conv2d):
         return super().forward(x)
 
 
-def _keras_bn(c: int) -> nn.BatchNorm2d:
-    return nn.BatchNorm2d(c, eps=1e-3, momentum=0.01)  # Keras momentum 0.99 == torch 0.01
+def _released_bn(c: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(c, eps=1e-5, momentum=0.1)  # Keras momentum 0.9 == torch 0.1 (torch weighs the new batch)
+
+
+def keras_truncated_normal_(w: torch.Tensor, std: float) -> torch.Tensor:
+    """Keras' truncated normal initialisers: cut at 2 std, std rescaled so the result has ``std``."""
+    std = std / 0.87962566103423978
+    return nn.init.trunc_normal_(w, 0.0, std, -2 * std, 2 * std)
 
 
 class _ZeroPadShortcut(nn.Module):
@@ -70,9 +78,9 @@ class BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int, variant: str):
         super().__init__()
         paper = variant == "paper"
-        conv = (lambda a, b, s: ConvSame(a, b, s, bias=True)) if paper else (
+        conv = (lambda a, b, s: ConvSame(a, b, s, bias=False)) if paper else (
             lambda a, b, s: nn.Conv2d(a, b, 3, stride=s, padding=1, bias=False))
-        bn = _keras_bn if paper else nn.BatchNorm2d
+        bn = _released_bn if paper else nn.BatchNorm2d
         self.conv1, self.bn1 = conv(cin, cout, stride), bn(cout)
         self.conv2, self.bn2 = conv(cout, cout, 1), bn(cout)
         changed = stride != 1 or cin != cout
@@ -93,8 +101,8 @@ class ResNet20(nn.Module):
         paper = variant == "paper"
         self.variant = variant
         self.stem = nn.Sequential(
-            ConvSame(3, widths[0], 1, bias=True) if paper else nn.Conv2d(3, widths[0], 3, padding=1, bias=False),
-            _keras_bn(widths[0]) if paper else nn.BatchNorm2d(widths[0]),
+            ConvSame(3, widths[0], 1, bias=False) if paper else nn.Conv2d(3, widths[0], 3, padding=1, bias=False),
+            _released_bn(widths[0]) if paper else nn.BatchNorm2d(widths[0]),
             nn.ReLU(inplace=True),
         )
         blocks, cin = [], widths[0]
@@ -110,15 +118,14 @@ class ResNet20(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 fan_in = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
-                if paper:  # Keras he_normal: truncated at 2 std, std rescaled by 0.8796
-                    std = math.sqrt(2.0 / fan_in) / 0.87962566103423978
-                    nn.init.trunc_normal_(m.weight, 0.0, std, -2 * std, 2 * std)
+                if paper:  # Keras HeNormal
+                    keras_truncated_normal_(m.weight, math.sqrt(2.0 / fan_in))
                 else:
                     nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        if paper:
-            nn.init.xavier_uniform_(self.fc.weight)  # Keras Dense default (glorot_uniform)
+        if paper:  # the released Dense: GlorotNormal, zero bias
+            keras_truncated_normal_(self.fc.weight, math.sqrt(2.0 / (self.fc.in_features + self.fc.out_features)))
             nn.init.zeros_(self.fc.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
