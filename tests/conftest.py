@@ -189,3 +189,43 @@ def make_tiny_run(root: Path, encoder_epochs: int = 1, **overrides):
         ck.write_checkpoint(ck.epoch_dir(Run(cfg).ckpt_root("encoder"), epoch), model_state=enc.state_dict(),
                             meta=meta)
     return cfg
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A moto S3 server with the bucket ``raysd``; yields the environment that reaches it."""
+    import subprocess
+    import sys
+    import time
+
+    pytest.importorskip("moto")
+    import boto3
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
+                          aws_secret_access_key="testing", region_name="us-east-1")
+    deadline = time.time() + 30
+    while True:
+        try:
+            client.create_bucket(Bucket="raysd")
+            break
+        except Exception:  # noqa: BLE001 - the server is still starting
+            if time.time() > deadline:
+                proc.kill()
+                raise
+            time.sleep(0.2)
+    yield env
+    proc.terminate()
+    proc.wait()

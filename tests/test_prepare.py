@@ -1,11 +1,14 @@
 """The prepare stage on a real local Ray cluster: real files in, canonical Parquet out."""
 
+import json
+
 import numpy as np
 import pytest
 
 from conftest import shared_file, write_medmnist_npz
 from raysd.data import imageset as sets
 from raysd.data import storage
+from raysd.data.sources import load_dataset
 from raysd.errors import RaysdError
 from raysd.stages.prepare import prepare_dataset
 
@@ -40,19 +43,22 @@ def test_rerun_is_idempotent_and_other_content_refused(tmp_path, ray_session):
 def test_interrupted_write_is_not_complete_and_is_redone(tmp_path, ray_session):
     p = write_medmnist_npz(tmp_path / "a.npz")
     out = tmp_path / "out"
-    # what a crash mid-split leaves: a temporary directory without meta.json
-    (out / f"train{storage.TMP_MARK}write").mkdir(parents=True)
-    (out / f"train{storage.TMP_MARK}write" / "part-00000-0.parquet").write_bytes(b"half")
+    # what a crash mid-split leaves: the split claimed, a half-written shard, no meta.json
+    (out / "train").mkdir(parents=True)
+    fp = load_dataset(f"npz:{p}").fingerprint()
+    (out / "train" / "claim.json").write_text(json.dumps({"fingerprint": fp}))
+    (out / "train" / "part-00007-0.parquet").write_bytes(b"half")
     assert not sets.is_complete(str(out / "train"))
     prepare_dataset(f"npz:{p}", str(out))
     assert sets.read_set(str(out / "train")).labels.shape == (30,)
     assert sorted(x.name for x in out.iterdir()) == ["test", "train", "val"]
+    assert not (out / "train" / "part-00007-0.parquet").exists()  # the leftover, listed nowhere, is gone
 
 
 def test_foreign_directory_is_refused(tmp_path, ray_session):
     p = write_medmnist_npz(tmp_path / "a.npz")
     (tmp_path / "out" / "val").mkdir(parents=True)
     (tmp_path / "out" / "val" / "mine.txt").write_text("user data")
-    with pytest.raises(RaysdError, match="exists but is not a raysd image set"):
+    with pytest.raises(RaysdError, match="exists and is not a raysd prepare directory"):
         prepare_dataset(f"npz:{p}", str(tmp_path / "out"))
     assert (tmp_path / "out" / "val" / "mine.txt").read_text() == "user data"

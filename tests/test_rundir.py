@@ -61,3 +61,33 @@ def test_a_manifest_without_stages_is_refused_not_treated_as_empty(tmp_path):
     (tmp_path / "manifest.json").write_text("{broken")
     with pytest.raises(RaysdError, match="damaged"):
         read_manifest(str(tmp_path))
+
+
+def test_run_lock_is_a_lease(tmp_path):
+    import os
+    import socket
+    import time
+
+    from raysd.run.locking import RunLock
+
+    lock = tmp_path / ".lock"
+
+    def held_by(**holder):
+        lock.write_text(json.dumps(holder))
+
+    me = socket.gethostname()
+    held_by(pid=os.getppid(), host=me, heartbeat=time.time())  # a live process on this host
+    with pytest.raises(RaysdError, match="is in use by pid"):
+        RunLock(str(tmp_path)).__enter__()
+    held_by(pid=2**31 - 5, host=me, heartbeat=time.time())  # a dead one: taken over at once
+    with RunLock(str(tmp_path)):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert not lock.exists()
+    held_by(pid=1, host="head-pod-7", heartbeat=time.time() - 10)  # another host, beating: refused
+    with pytest.raises(RaysdError, match="on head-pod-7 .*heartbeat 10s ago"):
+        RunLock(str(tmp_path), expiry_s=60).__enter__()
+    held_by(pid=1, host="head-pod-7", heartbeat=time.time() - 120)  # its heartbeat expired: taken over
+    with RunLock(str(tmp_path), expiry_s=60) as held:
+        first = json.loads(lock.read_text())["heartbeat"]
+        held._beat()
+        assert json.loads(lock.read_text())["heartbeat"] >= first and json.loads(lock.read_text())["host"] == me

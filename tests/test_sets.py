@@ -69,7 +69,7 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(storage.os, "replace", boom)
     with pytest.raises(OSError):
-        storage.write_bytes_atomic(target, b"data")
+        storage.write_bytes(target, b"data")
     assert not (tmp_path / "x.bin").exists()
     assert storage.listdir(str(tmp_path)) == []  # the temporary name is hidden from listings
 

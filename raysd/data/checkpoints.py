@@ -1,14 +1,15 @@
 """Training checkpoints: safetensors + JSON, verified on read, never unpickled.
 
-A checkpoint directory ``.../epoch_NNN/`` holds
+A checkpoint directory ``ROOT/epoch_NNN/`` (registered with Ray Train, never edited afterwards) holds
 
 * ``model.safetensors``: the trained module's unwrapped ``state_dict`` (fp32, or bf16 to halve it);
-* ``optimizer.safetensors`` + ``optimizer.json``: optimizer tensors and hyper-parameters, LR
-  schedule and step, needed only to resume (kept for the newest epoch only: an SD UNet's
-  optimizer state is 6.9 GB per epoch);
-* ``checkpoint.json``: epoch, loss, config hash, module description and the SHA-256 of every
-  file above. A checkpoint whose JSON is missing, unreadable or whose files do not match their
-  checksums is incomplete (a kill mid-write) and is ignored or refused, never used.
+* ``checkpoint.json``: epoch, loss, config hash, module description and the SHA-256 of the weights.
+
+The state needed only to resume lives apart, in ``ROOT/resume/epoch_NNN/`` (``optimizer.safetensors``,
+``optimizer.json`` with the LR schedule and step, ``resume.json`` last with their checksums and
+the weights' SHA-256 it belongs to); only the newest two are kept (an SD UNet's optimizer state
+is 6.9 GB per epoch). A checkpoint or resume state whose record is missing, unreadable or whose
+files do not match their checksums is incomplete (a kill mid-write) and is ignored or refused.
 """
 
 from __future__ import annotations
@@ -20,13 +21,15 @@ from typing import Any
 
 import torch
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from safetensors.torch import save_file
 
 from raysd.data import storage
 from raysd.errors import RaysdError
 
 CKPT_JSON = "checkpoint.json"
 MODEL_FILE = "model.safetensors"
+RESUME = "resume"
+RESUME_JSON = "resume.json"
 OPT_FILE = "optimizer.safetensors"
 OPT_JSON = "optimizer.json"
 _EPOCH_RE = re.compile(r"^epoch_(\d{3,})$")
@@ -36,8 +39,15 @@ def epoch_dir(root: str, epoch: int) -> str:
     return storage.join(root, f"epoch_{epoch:03d}")
 
 
-def _tensor_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
-    return st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+def _save_tensors(path: str, tensors: dict[str, torch.Tensor]) -> str:
+    """Write tensors as safetensors at ``path`` through a local file (safetensors writes it without
+    a second copy in memory: an SD UNet's optimizer state is 6.9 GB); returns its SHA-256."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="raysd-tensors-", dir=tmp_root()) as tmp:
+        local = os.path.join(tmp, "t.safetensors")
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, local)
+        return storage.put_file(local, path)
 
 
 def optimizer_to_files(opt_state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -62,26 +72,33 @@ def optimizer_from_files(tensors: dict[str, torch.Tensor], js: dict[str, Any]) -
 
 
 def write_checkpoint(directory: str, *, model_state: dict[str, torch.Tensor], meta: dict[str, Any],
-                     optimizer_state: dict[str, Any] | None = None, resume: dict[str, Any] | None = None,
-                     dtype: str = "fp32") -> None:
-    """Write a checkpoint into ``directory`` (a local temp dir that Ray uploads, or storage)."""
+                     dtype: str = "fp32") -> str:
+    """Write weights and ``checkpoint.json`` (last) into ``directory``; returns the weights' SHA-256."""
     cast = torch.bfloat16 if dtype == "bf16" else torch.float32
-    weights = {k: (v.to(cast) if v.is_floating_point() else v) for k, v in model_state.items()}
-    files = {MODEL_FILE: _tensor_bytes(weights)}
-    resume_files: dict[str, bytes] = {}
-    if optimizer_state is not None:
-        ot, oj = optimizer_to_files(optimizer_state)
-        resume_files[OPT_FILE] = _tensor_bytes(ot)
-        resume_files[OPT_JSON] = json.dumps({**oj, **(resume or {})}).encode()
-    for name, data in {**files, **resume_files}.items():
-        storage.write_bytes_atomic(storage.join(directory, name), data)
-    body = {
-        **meta,
-        "weights_dtype": dtype,
-        "files": {n: storage.sha256_bytes(d) for n, d in files.items()},
-        "resume_files": {n: storage.sha256_bytes(d) for n, d in resume_files.items()},
-    }
-    storage.write_json_atomic(storage.join(directory, CKPT_JSON), body)  # last: marks it complete
+    sha = _save_tensors(storage.join(directory, MODEL_FILE),
+                        {k: (v.to(cast) if v.is_floating_point() else v) for k, v in model_state.items()})
+    storage.write_json(storage.join(directory, CKPT_JSON), {**meta, "weights_dtype": dtype, "files": {MODEL_FILE: sha}})
+    return sha
+
+
+def resume_dir(root: str, epoch: int) -> str:
+    return storage.join(root, RESUME, f"epoch_{epoch:03d}")
+
+
+def write_resume(root: str, epoch: int, *, optimizer_state: dict[str, Any], extra: dict[str, Any],
+                 weights_sha: str, keep: int = 2) -> None:
+    """The optimizer state and LR schedule after ``epoch`` (record last), then drop all but the newest ``keep``.
+
+    Two are kept: while epoch N's weights are still uploading, epoch N-1's pair is the one to resume from."""
+    d = resume_dir(root, epoch)
+    tensors, js = optimizer_to_files(optimizer_state)
+    text = json.dumps({**js, **extra}).encode()
+    storage.write_bytes(storage.join(d, OPT_JSON), text)
+    files = {OPT_FILE: _save_tensors(storage.join(d, OPT_FILE), tensors), OPT_JSON: storage.sha256_bytes(text)}
+    storage.write_json(storage.join(d, RESUME_JSON), {"epoch": epoch, "weights_sha256": weights_sha, "files": files})
+    older = [e for e in _epochs_in(storage.join(root, RESUME), RESUME_JSON) if e <= epoch - keep]
+    for e in older:
+        storage.remove(resume_dir(root, e))
 
 
 def read_meta(directory: str) -> dict[str, Any]:
@@ -94,7 +111,7 @@ def read_meta(directory: str) -> dict[str, Any]:
         raise RaysdError(f"checkpoint {directory}: {CKPT_JSON} is damaged (not valid JSON)") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict) or "epoch" not in meta:
         raise RaysdError(f"checkpoint {directory}: {CKPT_JSON} is not a raysd checkpoint description")
-    for name in [*meta["files"], *(meta.get("resume_files") or {})]:
+    for name in meta["files"]:
         storage.check_member_name(name, f"checkpoint {directory}: {CKPT_JSON}")
     return meta
 
@@ -126,41 +143,69 @@ def load_weights(directory: str) -> tuple[dict[str, torch.Tensor], dict[str, Any
     return {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}, meta
 
 
-def load_resume_state(directory: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(optimizer state_dict, extra resume fields such as the LR schedule and step)."""
-    meta = read_meta(directory)
-    rf = meta.get("resume_files", {})
-    if OPT_FILE not in rf or OPT_JSON not in rf:
-        raise RaysdError(f"checkpoint {directory}: holds weights only (no optimizer state to resume from)")
-    tensors = _safetensors(_read_verified(directory, OPT_FILE, rf[OPT_FILE]), directory)
-    js = json.loads(_read_verified(directory, OPT_JSON, rf[OPT_JSON]))
+def load_resume_state(root: str, epoch: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(optimizer state_dict, extra resume fields such as the LR schedule and step) after ``epoch``."""
+    d = resume_dir(root, epoch)
+    meta = _resume_meta(d)
+    if meta is None:
+        raise RaysdError(f"checkpoint {epoch_dir(root, epoch)}: no resume state in {d}")
+    files = meta["files"]
+    tensors = _safetensors(_read_verified(d, OPT_FILE, files[OPT_FILE]), d)
+    js = json.loads(_read_verified(d, OPT_JSON, files[OPT_JSON]))
     return optimizer_from_files(tensors, js), {k: v for k, v in js.items() if k not in ("param_groups", "scalars")}
 
 
-def is_valid(directory: str, *, resumable: bool = False) -> bool:
-    """True when the checkpoint is complete and every listed file matches its checksum."""
+def _resume_meta(directory: str) -> dict[str, Any] | None:
+    path = storage.join(directory, RESUME_JSON)
+    try:
+        meta = storage.read_json(path) if storage.exists(path) else None
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict):
+        return None
+    for name in meta["files"]:
+        storage.check_member_name(name, f"resume state {directory}: {RESUME_JSON}")
+    return meta
+
+
+def is_valid(directory: str) -> bool:
+    """True when the checkpoint is complete and its weights match their checksum."""
     try:
         meta = read_meta(directory)
-        names = dict(meta["files"])
-        if resumable:
-            if not meta.get("resume_files"):
-                return False
-            names.update(meta["resume_files"])
-        for name, sha in names.items():
+        for name, sha in meta["files"].items():
             _read_verified(directory, name, sha)
         return True
     except RaysdError:
         return False
 
 
-def list_epochs(root: str) -> list[int]:
-    """Epoch numbers of directories under ``root`` that have a checkpoint.json (unverified)."""
+def is_resumable(root: str, epoch: int) -> bool:
+    """Valid weights of ``epoch`` and, beside them, the valid resume state made with those weights."""
+    if not is_valid(epoch_dir(root, epoch)):
+        return False
+    meta = _resume_meta(resume_dir(root, epoch))
+    if meta is None or meta.get("weights_sha256") != read_meta(epoch_dir(root, epoch))["files"].get(MODEL_FILE):
+        return False
+    try:
+        for name, sha in meta["files"].items():
+            _read_verified(resume_dir(root, epoch), name, sha)
+        return True
+    except RaysdError:
+        return False
+
+
+def _epochs_in(root: str, record: str) -> list[int]:
     out = []
     for name in storage.listdir(root):
         m = _EPOCH_RE.match(name)
-        if m and storage.exists(storage.join(root, name, CKPT_JSON)):
+        if m and storage.exists(storage.join(root, name, record)):
             out.append(int(m.group(1)))
     return sorted(out)
+
+
+def list_epochs(root: str) -> list[int]:
+    """Epoch numbers of directories under ``root`` that have a checkpoint.json (unverified)."""
+    return _epochs_in(root, CKPT_JSON)
 
 
 def valid_epochs(root: str) -> list[int]:
@@ -169,19 +214,9 @@ def valid_epochs(root: str) -> list[int]:
 
 def latest_resumable(root: str) -> int | None:
     for e in reversed(list_epochs(root)):
-        if is_valid(epoch_dir(root, e), resumable=True):
+        if is_resumable(root, e):
             return e
     return None
-
-
-def drop_resume_files(directory: str) -> None:
-    """Free the optimizer state of an older epoch (its weights stay for the searches)."""
-    for name in (OPT_FILE, OPT_JSON):
-        storage.remove(storage.join(directory, name))
-    meta = read_meta(directory)
-    if meta.get("resume_files"):
-        meta["resume_files"] = {}
-        storage.write_json_atomic(storage.join(directory, CKPT_JSON), meta)
 
 
 def module_digest(module: torch.nn.Module) -> str:
@@ -195,7 +230,12 @@ def module_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def tmp_root() -> str | None:
+    """Where workers stage checkpoints before Ray uploads them (``RAYSD_TMPDIR``, else the system's)."""
+    return os.environ.get("RAYSD_TMPDIR")
+
+
 def local_tmpdir(prefix: str = "raysd-ckpt-") -> str:
     import tempfile
 
-    return tempfile.mkdtemp(prefix=prefix, dir=os.environ.get("RAYSD_TMPDIR"))
+    return tempfile.mkdtemp(prefix=prefix, dir=tmp_root())

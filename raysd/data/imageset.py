@@ -78,14 +78,14 @@ def write_shard(set_dir: str, name: str, sample_ids: np.ndarray, labels: np.ndar
     buf = io.BytesIO()
     pq.write_table(shard_table(sample_ids, labels, images, extra), buf, compression="zstd")
     data = buf.getvalue()
-    storage.write_bytes_atomic(storage.join(set_dir, name), data)
+    storage.write_bytes(storage.join(set_dir, name), data)
     return {"rows": int(len(labels)), "bytes": len(data), "sha256": storage.sha256_bytes(data)}
 
 
 def write_meta(set_dir: str, meta: dict[str, Any]) -> None:
     """Mark the set complete. Call last, after every shard listed in ``meta["files"]`` exists."""
     meta = {"format": SET_FORMAT, **meta}
-    storage.write_json_atomic(storage.join(set_dir, META), meta)
+    storage.write_json(storage.join(set_dir, META), meta)
 
 
 def is_complete(set_dir: str) -> bool:

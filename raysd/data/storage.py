@@ -1,8 +1,16 @@
-"""Paths that are local directories or ``s3://`` / ``gs://`` / ``file://`` URIs (pyarrow.fs).
+"""Paths that are local directories or URIs of a pyarrow filesystem (``s3://``, ``gs://``, ``file://``).
 
-Every write that must not be seen half-done goes through :func:`write_bytes_atomic`: the
-bytes land under a temporary name in the same directory and are renamed into place (an atomic
-``os.replace`` locally; on object stores the final object appears only once it is complete).
+Plain paths use the operating system directly; every URI goes through pyarrow (``file://`` too,
+so the pyarrow path is the one tested locally). Object stores do not move directories and
+their only atomic unit is the object, so raysd never renames a directory: a set, checkpoint or
+base is written file by file into its final place and committed by a record written last
+(``meta.json``, ``checkpoint.json``, ``raysd_base.json``); readers ignore what no record lists,
+and a rerun removes it. :func:`write_bytes` makes a single file appear whole: a temporary name
+and ``os.replace`` locally, a single PUT on an object store (an object exists only complete).
+
+An S3-compatible store other than AWS (MinIO, Ceph, a test server) is reached through the
+standard ``AWS_ENDPOINT_URL`` variable (the ``storage_endpoint`` setting sets it, also for Ray's
+workers); credentials come from the usual AWS variables or the node's role.
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import uuid
 from typing import Any
 
@@ -17,7 +26,8 @@ import pyarrow.fs as pafs
 
 from raysd.errors import RaysdError
 
-TMP_MARK = ".tmp-"  # temporary names contain this; readers and listings skip them
+TMP_MARK = ".tmp-"  # temporary local names contain this; listings skip them
+ENDPOINT_VAR = "AWS_ENDPOINT_URL"
 
 
 def is_uri(path: str) -> bool:
@@ -25,7 +35,12 @@ def is_uri(path: str) -> bool:
 
 
 def is_local(path: str) -> bool:
+    """On this machine's disk (a plain path or ``file://``): not shared with other nodes."""
     return not is_uri(path) or str(path).startswith("file://")
+
+
+def _native(path: str) -> bool:
+    return not is_uri(path)
 
 
 def local_path(path: str) -> str:
@@ -41,8 +56,14 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
+def configure_endpoint(url: str | None) -> None:
+    """Point ``s3://`` paths of this process (and the Ray workers it starts) at ``url``."""
+    if url:
+        os.environ[ENDPOINT_VAR] = url
+
+
 def _fs(path: str) -> tuple[pafs.FileSystem, str]:
-    if is_local(path):
+    if str(path).startswith("file://"):
         return pafs.LocalFileSystem(), os.path.abspath(local_path(path))
     try:
         return pafs.FileSystem.from_uri(str(path))
@@ -52,48 +73,69 @@ def _fs(path: str) -> tuple[pafs.FileSystem, str]:
 
 def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     """(pyarrow filesystem, path within it) for ``path``; what Ray's storage options take."""
+    if _native(path):
+        return pafs.LocalFileSystem(), os.path.abspath(path)
     return _fs(path)
 
 
-def exists(path: str) -> bool:
-    if is_local(path):
-        return os.path.exists(local_path(path))
+def _info(path: str) -> pafs.FileInfo:
     fs, p = _fs(path)
-    return fs.get_file_info(p).type != pafs.FileType.NotFound
+    return fs.get_file_info(p)
+
+
+def exists(path: str) -> bool:
+    if _native(path):
+        return os.path.exists(path)
+    return _info(path).type != pafs.FileType.NotFound
 
 
 def isdir(path: str) -> bool:
-    if is_local(path):
-        return os.path.isdir(local_path(path))
-    fs, p = _fs(path)
-    return fs.get_file_info(p).type == pafs.FileType.Directory
+    if _native(path):
+        return os.path.isdir(path)
+    return _info(path).type == pafs.FileType.Directory
+
+
+def isfile(path: str) -> bool:
+    if _native(path):
+        return os.path.isfile(path)
+    return _info(path).type == pafs.FileType.File
 
 
 def makedirs(path: str) -> None:
-    if is_local(path):
-        os.makedirs(local_path(path), exist_ok=True)
-    else:
+    """A directory (locally); object stores have none to make, their prefixes exist with their objects."""
+    if _native(path):
+        os.makedirs(path, exist_ok=True)
+    elif is_local(path):
         fs, p = _fs(path)
         fs.create_dir(p, recursive=True)
 
 
 def listdir(path: str) -> list[str]:
     """Names directly under ``path`` (sorted, temporary names excluded); [] if absent."""
-    if is_local(path):
-        p = local_path(path)
-        names = os.listdir(p) if os.path.isdir(p) else []
+    if _native(path):
+        names = os.listdir(path) if os.path.isdir(path) else []
     else:
         fs, p = _fs(path)
-        if fs.get_file_info(p).type != pafs.FileType.Directory:
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(p, recursive=False, allow_not_found=True))
+        except (FileNotFoundError, NotADirectoryError):
             return []
-        infos = fs.get_file_info(pafs.FileSelector(p, recursive=False))
         names = [i.base_name for i in infos]
     return sorted(n for n in names if TMP_MARK not in n)
 
 
+def walk_files(path: str) -> list[str]:
+    """Every file under ``path``, as paths relative to it (sorted)."""
+    if _native(path):
+        return sorted(os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs)
+    fs, p = _fs(path)
+    infos = fs.get_file_info(pafs.FileSelector(p, recursive=True, allow_not_found=True))
+    return sorted(i.path[len(p.rstrip("/")) + 1:] for i in infos if i.type == pafs.FileType.File)
+
+
 def read_bytes(path: str) -> bytes:
-    if is_local(path):
-        with open(local_path(path), "rb") as f:
+    if _native(path):
+        with open(path, "rb") as f:
             return f.read()
     fs, p = _fs(path)
     with fs.open_input_stream(p) as f:
@@ -104,54 +146,85 @@ def read_json(path: str) -> Any:
     return json.loads(read_bytes(path))
 
 
-def tmp_name(path: str) -> str:
-    d, _, base = str(path).rstrip("/").rpartition("/")
-    return f"{d}/{base}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}" if d else f"{base}{TMP_MARK}{uuid.uuid4().hex[:8]}"
-
-
-def write_bytes_atomic(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either nothing or all of it."""
-    tmp = tmp_name(path)
-    if is_local(path):
-        lp, lt = local_path(path), local_path(tmp)
-        os.makedirs(os.path.dirname(os.path.abspath(lp)), exist_ok=True)
-        with open(lt, "wb") as f:
+def write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see either nothing or all of it: a temporary
+    name and an atomic replace locally; one PUT on an object store (no copy, no delete)."""
+    if _native(path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(lt, lp)
+        os.replace(tmp, path)
         return
     fs, p = _fs(path)
-    _, t = _fs(tmp)
-    with fs.open_output_stream(t) as f:
+    if is_local(path):
+        fs.create_dir(os.path.dirname(p), recursive=True)
+    with fs.open_output_stream(p) as f:
         f.write(data)
-    fs.move(t, p)
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+write_bytes = write_bytes  # the name the checkpoint and set writers have always used
 
 
-def rename(src: str, dst: str) -> None:
-    """Move a file or directory; locally atomic (``os.replace``)."""
-    if is_local(src):
-        os.replace(local_path(src), local_path(dst))
-    else:
-        fs, s = _fs(src)
-        _, d = _fs(dst)
-        fs.move(s, d)
+def write_json(path: str, obj: Any) -> None:
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+write_json = write_json
+
+
+def put_file(local_file: str, dest: str, chunk: int = 64 << 20) -> str:
+    """Copy a local file to ``dest`` in chunks (a model's weights never need to fit in memory
+    twice); returns its SHA-256. Locally: a copy under a temporary name, then the atomic replace."""
+    h = hashlib.sha256()
+    if _native(dest):
+        os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+        tmp = f"{dest}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        with open(local_file, "rb") as src, open(tmp, "wb") as out:
+            for block in iter(lambda: src.read(chunk), b""):
+                h.update(block)
+                out.write(block)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dest)
+        return h.hexdigest()
+    fs, p = _fs(dest)
+    if is_local(dest):
+        fs.create_dir(os.path.dirname(p), recursive=True)
+    with open(local_file, "rb") as src, fs.open_output_stream(p) as out:
+        for block in iter(lambda: src.read(chunk), b""):
+            h.update(block)
+            out.write(block)
+    return h.hexdigest()
+
+
+def upload_dir(local_dir: str, dest: str, *, skip: tuple[str, ...] = ()) -> list[str]:
+    """Copy every file of a local directory to ``dest`` (file by file; ``skip`` names left out);
+    returns the relative names copied. The caller commits the result with a record written last."""
+    names = [n for n in walk_files(local_dir) if os.path.basename(n) not in skip]
+    for name in names:
+        put_file(os.path.join(local_dir, name), join(dest, name))
+    return names
+
+
+def download_dir(src: str, local_dir: str, names: list[str]) -> None:
+    """Copy the listed files of ``src`` into a local directory."""
+    for name in names:
+        target = os.path.join(local_dir, name)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "wb") as f:
+            f.write(read_bytes(join(src, name)))
 
 
 def remove(path: str) -> None:
     """Delete a file or a directory tree; absent is fine."""
-    if is_local(path):
-        p = local_path(path)
-        if os.path.isdir(p) and not os.path.islink(p):
-            import shutil
-
-            shutil.rmtree(p, ignore_errors=True)
-        elif os.path.lexists(p):
-            os.remove(p)
+    if _native(path):
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.lexists(path):
+            os.remove(path)
         return
     fs, p = _fs(path)
     info = fs.get_file_info(p)
@@ -161,6 +234,15 @@ def remove(path: str) -> None:
         fs.delete_file(p)
 
 
+def remove_unlisted(directory: str, keep: set[str]) -> list[str]:
+    """Delete the files directly under ``directory`` that ``keep`` does not name (the leftovers of
+    an interrupted write, never committed by a record); returns what was removed."""
+    gone = [n for n in listdir(directory) if n not in keep and isfile(join(directory, n))]
+    for name in gone:
+        remove(join(directory, name))
+    return gone
+
+
 def check_member_name(name: str, where: str, *, nested: bool = False) -> str:
     """A file name read from a sidecar (meta.json, checkpoint.json) must stay inside its
     directory: no absolute paths, no '..', no separators unless ``nested`` (then relative)."""
@@ -168,8 +250,6 @@ def check_member_name(name: str, where: str, *, nested: bool = False) -> str:
     bad = (not name or name.startswith("/") or any(p in ("", ".", "..") for p in parts)
            or (len(parts) > 1 and not nested) or "\x00" in name)
     if bad:
-        from raysd.errors import RaysdError
-
         raise RaysdError(f"{where} lists the file name {name!r}, which would leave its directory; refused")
     return name
 
@@ -179,9 +259,9 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def sha256_file(path: str) -> str:
-    if is_local(path):
+    if _native(path):
         h = hashlib.sha256()
-        with open(local_path(path), "rb") as f:
+        with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
         return h.hexdigest()

@@ -1,8 +1,9 @@
 """Export an image set for other tools: ImageFolder PNGs, a MedMNIST-style npz, or a Hugging
 Face ``datasets`` Parquet dataset (image column = PNG bytes, the ``Image`` feature).
 
-Written into a temporary directory and renamed, so an interrupted export leaves nothing that
-looks finished. An existing ``--out`` is refused.
+Files are written straight into ``--out`` and ``export.json`` last (no rename: object stores have
+none), so an interrupted export is never taken for a finished one; rerunning the same export
+finishes it. A finished or foreign ``--out`` is refused.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raysd.config import fingerprint
 from raysd.data import imageset
 from raysd.data import storage
 from raysd.errors import RaysdError
+from raysd.run.rundir import claim
 
 FORMATS = ("imagefolder", "npz", "hf")
 HF_ROWS_PER_FILE = 50_000
@@ -40,28 +43,26 @@ def _png(img: np.ndarray) -> bytes:
 def export_set(set_dir: str, fmt: str, out: str) -> dict:
     if fmt not in FORMATS:
         raise RaysdError(f"export: --format must be one of {FORMATS}; got {fmt!r}")
-    if storage.exists(out):
+    if storage.exists(storage.join(out, "export.json")) or storage.isfile(out):
         raise RaysdError(f"export: {out} already exists; choose a new --out")
     data = imageset.read_set(set_dir)
-    tmp = f"{out.rstrip('/')}{storage.TMP_MARK}export"
-    storage.remove(tmp)
-    storage.makedirs(tmp)
+    tmp = out.rstrip("/")
+    claim(tmp, fingerprint([set_dir, data.meta.get("files"), fmt]), what="export", fix="choose a new --out")
     names = data.class_names
     if fmt == "imagefolder":
         for i, name in enumerate(names):
             storage.makedirs(storage.join(tmp, class_folder(i, name)))
         for sid, label, img in zip(data.sample_ids, data.labels, data.images):
-            storage.write_bytes_atomic(storage.join(tmp, class_folder(int(label), names[label]), f"{sid:08d}.png"), _png(img))
+            storage.write_bytes(storage.join(tmp, class_folder(int(label), names[label]), f"{sid:08d}.png"), _png(img))
     elif fmt == "npz":
         buf = io.BytesIO()
         np.savez_compressed(buf, train_images=data.images, train_labels=data.labels.reshape(-1, 1),
                             sample_ids=data.sample_ids, class_names=np.asarray(names))
-        storage.write_bytes_atomic(storage.join(tmp, "data.npz"), buf.getvalue())
+        storage.write_bytes(storage.join(tmp, "data.npz"), buf.getvalue())
     else:
         _write_hf(data, tmp)
-    storage.write_json_atomic(storage.join(tmp, "export.json"), {"format": fmt, "source": set_dir,
-                                                                "num_rows": len(data), "class_names": names})
-    storage.rename(tmp, out)
+    storage.write_json(storage.join(tmp, "export.json"), {"format": fmt, "source": set_dir,  # last: complete
+                                                          "num_rows": len(data), "class_names": names})
     return {"format": fmt, "out": out, "num_rows": len(data)}
 
 
@@ -83,4 +84,4 @@ def _write_hf(data: imageset.ImageSet, tmp: str) -> None:
                                       "sample_id": data.sample_ids[sl].tolist()}, schema=schema)
         buf = io.BytesIO()
         pq.write_table(table, buf)
-        storage.write_bytes_atomic(storage.join(tmp, "data", f"train-{p:05d}-of-{parts:05d}.parquet"), buf.getvalue())
+        storage.write_bytes(storage.join(tmp, "data", f"train-{p:05d}-of-{parts:05d}.parquet"), buf.getvalue())

@@ -64,6 +64,7 @@ def resolve_spec(run: Run, *, num_inference_steps: int | None = None, guidance_s
         unet_dir=ck.epoch_dir(run.ckpt_root("unet"), f) if f else None, out_size=run.image_size,
         num_inference_steps=int(steps), guidance_scale=float(ugs), scheduler=scheduler or cfg.sampling.scheduler,
         precision=m.precision, beta_start=m.beta_start, beta_end=m.beta_end, num_train_timesteps=m.num_train_timesteps,
+        prediction_type=m.prediction_type,
         seed=cfg.seed, compile=cfg.sampling.compile, fuse_qkv=cfg.sampling.fuse_qkv, tiny_decoder=m.tiny_decoder)
 
 

@@ -32,7 +32,7 @@ def read_manifest(run_dir: str) -> dict[str, Any]:
 
 
 def write_manifest(run_dir: str, manifest: dict[str, Any]) -> None:
-    storage.write_json_atomic(storage.join(run_dir, MANIFEST), manifest)
+    storage.write_json(storage.join(run_dir, MANIFEST), manifest)
 
 
 def provenance(cfg: Config) -> dict[str, Any]:

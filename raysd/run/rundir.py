@@ -135,11 +135,12 @@ class Run:
                 raise RaysdError(f"run {self.root} was made with preset {old.get('preset')!r}, not "
                                  f"{self.cfg.preset!r}; use another run directory")
         storage.makedirs(self.root)
-        storage.write_json_atomic(path, self.cfg.to_dict())
+        storage.write_json(path, self.cfg.to_dict())
 
 
 def claim(directory: str, fp: str, *, what: str, restart: bool = False, record: str = CLAIM,
-          body: dict[str, Any] | None = None) -> None:
+          body: dict[str, Any] | None = None,
+          fix: str = "pass --restart to replace it, or use another run directory or --name") -> None:
     """Make ``directory`` the output of the work identified by ``fp`` (recorded in ``record``).
 
     Held for other settings: refused with one line, or, with ``restart``, emptied and taken.
@@ -149,14 +150,13 @@ def claim(directory: str, fp: str, *, what: str, restart: bool = False, record: 
     if storage.exists(path):
         if storage.read_json(path).get("fingerprint") != fp or restart:
             if not restart:
-                raise RaysdError(f"{what}: {directory} holds work made with other settings; pass --restart to "
-                                 "replace it, or use another run directory or --name")
+                raise RaysdError(f"{what}: {directory} holds work made with other settings; {fix}")
             storage.remove(directory)
     elif storage.listdir(directory):
         if not restart:
-            raise RaysdError(f"{what}: {directory} exists and is not a raysd {what} directory; remove it or pass "
-                             "--restart")
+            raise RaysdError(f"{what}: {directory} exists and is not a raysd {what} directory; remove it, or "
+                             f"{fix}")
         storage.remove(directory)
     storage.makedirs(directory)
     if not storage.exists(path):
-        storage.write_json_atomic(path, {"fingerprint": fp, **(body or {})})
+        storage.write_json(path, {"fingerprint": fp, **(body or {})})

@@ -2,7 +2,7 @@
 
 What is checked: every image set (``data/*``, ``synthetic/*``) and latent cache (``cache/*``)
 against its ``meta.json``; every checkpoint (``checkpoints/*/epoch_*``) against its
-``checkpoint.json``; the pretrained base (``base/``) against ``raysd_base.json``; the searches'
+``checkpoint.json`` and every resume state (``checkpoints/*/resume/epoch_*``) against its ``resume.json``; the pretrained base (``base/``) against ``raysd_base.json``; the searches'
 cached trial images against their sidecar JSON; and that the run's JSON documents parse. Ray
 Tune's own experiment state is Ray's to check and is left alone. A set or checkpoint without its
 description (an interrupted write that a rerun completes) is listed as incomplete, not damaged.
@@ -102,12 +102,13 @@ def _check_set(rep: Report, set_dir: str) -> None:
                   meta_path)
 
 
-def _check_checkpoint(rep: Report, directory: str) -> None:
-    found = _sidecar(rep, directory, "checkpoint.json", "half written when a run stopped; ignored by raysd")
+def _check_checkpoint(rep: Report, directory: str, record: str = "checkpoint.json") -> None:
+    """An epoch's weights (checkpoint.json) or its resume state (resume.json)."""
+    found = _sidecar(rep, directory, record, "half written when a run stopped; ignored by raysd")
     if found is None:
         return
     meta_path, meta = found
-    names = {**(meta.get("files") or {}), **(meta.get("resume_files") or {})}
+    names = meta.get("files") or {}
     if not names:
         rep.damaged.append(f"{meta_path}: lists no files")
     _check_listed(rep, directory, names, meta_path)
@@ -147,9 +148,12 @@ def verify_run(run_dir: str) -> Report:
         for name in _subdirs(storage.join(run_dir, group)):
             _check_set(rep, storage.join(run_dir, group, name))
     for kind in _subdirs(storage.join(run_dir, "checkpoints")):
-        for name in _subdirs(storage.join(run_dir, "checkpoints", kind)):
+        root = storage.join(run_dir, "checkpoints", kind)
+        for name in _subdirs(root):
             if name.startswith("epoch_"):
-                _check_checkpoint(rep, storage.join(run_dir, "checkpoints", kind, name))
+                _check_checkpoint(rep, storage.join(root, name))
+        for name in _subdirs(storage.join(root, "resume")):
+            _check_checkpoint(rep, storage.join(root, "resume", name), "resume.json")
     if storage.isdir(storage.join(run_dir, "base")):
         _check_base(rep, storage.join(run_dir, "base"))
     for name in _subdirs(run_dir):

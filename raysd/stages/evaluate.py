@@ -1,11 +1,12 @@
 """Stage: the CAS of Parquet sets and of generators, each classifier in a Ray task (a GPU when the
 cluster has one); several run at once.
 
-A set's shards are read with ``read_parquet`` and stream through ``iter_torch_batches`` straight
-into a preallocated uint8 tensor on the task's device (no PNG files on the way), are put in
-sample_id order (so the seeded training is reproducible), optionally cut to a class-stratified
-prefix (the x_k of a scaling study), and ResNet20 trains with the paper's protocol against the
-real val split and is scored on the real test split (:func:`raysd.core.cas.train_and_evaluate`).
+A task reads only the Parquet shards of its :class:`SetSlice` (the x_k of a scaling study needs
+the first k/K of the x_K set, no more), checks each against its SHA-256 as it reads it, puts the
+rows in sample_id order (so the seeded training is reproducible), keeps a stratified prefix's
+sample_ids, and ResNet20 trains with the paper's protocol against the real val split and is
+scored on the real test split (:func:`raysd.core.cas.train_and_evaluate`). The driver never reads
+a shard: on an object store each shard travels once, to the task that uses it.
 """
 
 from __future__ import annotations
@@ -15,15 +16,15 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import ray
-import ray.data
 import torch
 
 from raysd.config import CasConfig, Config
 from raysd.core.cas import train_and_evaluate
 from raysd.core.generator import GeneratorSpec
-from raysd.core.plan import class_counts, make_plan, stratified_prefix
-from raysd.data import imageset
+from raysd.core.plan import class_counts, interleave, make_plan, stratified_prefix
+from raysd.data import imageset, storage
 from raysd.errors import RaysdError
 from raysd.run.rundir import Run
 from raysd.run.scores import Score
@@ -41,38 +42,70 @@ class CasJob:
     seed: int
     device: str
     threads: int
+    precision: str = "auto"  # model.precision: auto (bf16 autocast on CUDA) or the released fp32
 
 
-def stream_set(ds: "ray.data.Dataset", n: int, shape: tuple[int, ...], device: str) -> tuple[Any, Any]:
-    """Rows of a Ray dataset -> (images uint8 (N, H, W, 3), labels) device tensors in sample_id order."""
-    images = torch.empty((n, *shape), dtype=torch.uint8, device=device)
-    labels = torch.empty(n, dtype=torch.long, device=device)
-    ids = torch.empty(n, dtype=torch.long, device=device)
-    pos = 0
-    for batch in ds.iter_torch_batches(batch_size=4096, device=device):
-        k = len(batch["label"])
-        if pos + k > n:
-            raise RaysdError(f"image set: more rows than its meta.json's {n}")
-        images[pos : pos + k] = batch["image"].to(torch.uint8)
-        labels[pos : pos + k] = batch["label"]
-        ids[pos : pos + k] = batch["sample_id"]
-        pos += k
-    if pos != n:
-        raise RaysdError(f"image set: read {pos} rows, its meta.json says {n}")
-    order = torch.argsort(ids)
-    return images[order], labels[order]
+@dataclass(frozen=True)
+class SetSlice:
+    """What one CAS task reads of a set: shards (checked against their SHA-256 inside the task,
+    never on the driver) and, for a stratified prefix, the sample_ids it keeps."""
+
+    set_dir: str
+    shards: tuple[tuple[str, str, int], ...]  # (name, sha256, rows), in sample_id order
+    image_shape: tuple[int, int, int]
+    # a stratified prefix: (the whole set's counts per class, the prefix's); None: every row
+    prefix: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+
+    @classmethod
+    def whole(cls, set_dir: str) -> "SetSlice":
+        meta = imageset.read_meta(set_dir)
+        shards = tuple((n, i["sha256"], i["rows"]) for n, i in sorted(meta["files"].items()))
+        return cls(set_dir, shards, tuple(meta["image_shape"]))
+
+    def keep(self) -> np.ndarray | None:
+        """The prefix's sample_ids (a plan's labels are ``interleave(counts)`` over ids 0..N-1)."""
+        if self.prefix is None:
+            return None
+        return stratified_prefix(interleave(list(self.prefix[0])), list(self.prefix[1]))
 
 
-def _set_task(job: CasJob, ds, n: int, shape: tuple, val: tuple, test: tuple,  # noqa: ANN001
-              prefix_counts: list[int] | None) -> Score:
+def prefix_slice(set_dir: str, shards: dict[int, tuple[str, str, int]], plan_counts: list[int], counts: list[int],
+                 shard_size: int, image_shape: tuple[int, int, int]) -> SetSlice | None:
+    """The x_k of a scaling study: the stratified prefix with ``counts`` of a generated set planned
+    with ``plan_counts``, as the shards it needs; None while one of those shards is not written."""
+    piece = SetSlice(set_dir, (), tuple(image_shape), (tuple(plan_counts), tuple(counts)))
+    keep = piece.keep()
+    needed = range(int(keep.max()) // shard_size + 1) if len(keep) else range(0)
+    if any(i not in shards for i in needed):
+        return None
+    return SetSlice(set_dir, tuple(shards[i] for i in needed), piece.image_shape, piece.prefix)
+
+
+def read_slice(piece: SetSlice) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 (N, H, W, 3), labels) in sample_id order; a damaged shard is refused by name."""
+    parts = [imageset.table_to_arrays(imageset.read_shard(storage.join(piece.set_dir, name),
+                                                          {"sha256": sha, "rows": rows}), piece.image_shape)
+             for name, sha, rows in piece.shards]
+    ids = np.concatenate([p[0] for p in parts])
+    labels, images = np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
+    order = np.argsort(ids, kind="stable")
+    ids, labels, images = ids[order], labels[order], images[order]
+    keep = piece.keep()
+    if keep is not None:
+        mask = np.isin(ids, keep)
+        if int(mask.sum()) != len(keep):
+            raise RaysdError(f"image set {piece.set_dir}: {int(mask.sum())} of the prefix's {len(keep)} "
+                             "sample_ids are in its shards")
+        labels, images = labels[mask], images[mask]
+    return images, labels
+
+
+def _set_task(job: CasJob, piece: SetSlice, val: tuple, test: tuple) -> Score:
     if job.device == "cpu":
         torch.set_num_threads(max(1, job.threads))
-    images, labels = stream_set(ds, n, shape, job.device)
-    if prefix_counts is not None:
-        keep = torch.as_tensor(stratified_prefix(labels.cpu().numpy(), prefix_counts), device=job.device)
-        images, labels = images[keep], labels[keep]
+    images, labels = read_slice(piece)
     result = train_and_evaluate((images, labels), val, test, job.num_classes, cfg=job.cas, seed=job.seed,
-                                device=job.device)
+                                device=job.device, precision=job.precision)
     return Score.of(result, num_images=int(len(labels)), device=job.device)
 
 
@@ -87,7 +120,7 @@ def _generator_task(job: CasJob, spec: GeneratorSpec, num_images: int, balance: 
     images = load_generator(spec, job.device).images(plan.labels, plan.seeds, batch_size=batch_size)
     gen = time.perf_counter() - t0
     result = train_and_evaluate((images, plan.labels), val, test, job.num_classes, cfg=job.cas, seed=job.seed,
-                                device=job.device)
+                                device=job.device, precision=job.precision)
     return Score.of(result, num_images=num_images, generation_seconds=gen,
                     images_per_second=num_images / max(gen, 1e-9), device=job.device)
 
@@ -102,48 +135,50 @@ def _task(fn: Any, cfg: Config, device: str, parallel: int, num_classes: int, ca
     r = cfg.resources
     threads = int(r.cpus_per_trial) if parallel > 1 else (r.torch_threads or max(1, int(r.cpus_per_trial)))
     task = ray.remote(fn).options(num_cpus=r.cpus_per_trial, num_gpus=r.gpus_per_trial if device == "cuda" else 0)
-    return task, CasJob(cas, num_classes, cfg.seed, device, max(1, threads))
+    return task, CasJob(cas, num_classes, cfg.seed, device, max(1, threads), cfg.model.precision)
 
 
-def cas_of_sets(cfg: Config, jobs: list[tuple[str, list[int] | None]], *, val: tuple | None = None,
-                test: tuple | None = None, num_classes: int | None = None, variant: str | None = None) -> list[Score]:
-    """CAS of several sets (``(set_dir, prefix_counts or None)``), as concurrent Ray tasks.
+class Scorer:
+    """CAS tasks of set slices, started as soon as their shards exist (while generation goes on),
+    collected in order. Tasks for identical slices are started once per process."""
 
-    Each set is read through Ray Data on the driver (materialised, so the tasks, which may hold
-    every CPU of a small machine, need no further read tasks) and streamed into the task's
-    device buffer. val/test default to the run's real splits.
-    """
-    device = connect(cfg)
-    if val is None or test is None or num_classes is None:
-        val, test, num_classes = _real(Run(cfg))
-    cas = CasConfig(**{**cfg.cas.__dict__, **({"variant": variant} if variant else {})})
-    task, job = _task(_set_task, cfg, device, len(jobs), num_classes, cas)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    val_ref, test_ref = ray.put(val), ray.put(test)
-    pending = {}
-    for i, (set_dir, prefix) in enumerate(jobs):
-        meta = imageset.read_meta(set_dir)
-        ds = ray.data.read_parquet(imageset.verified_files(set_dir, meta),
-                                   columns=["sample_id", "label", "image"]).materialize()
-        ref = task.remote(job, ds, meta["num_rows"], tuple(meta["image_shape"]), val_ref, test_ref, prefix)
-        pending[ref] = i
-    results: dict[int, Score] = {}
-    while pending:  # a line as each set finishes, not all at the end
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        i = pending.pop(ready[0])
-        set_dir, prefix = jobs[i]
-        res = results[i] = ray.get(ready[0])
-        res.train = set_dir
-        what = f"{set_dir} (stratified prefix)" if prefix is not None else set_dir
-        log.info("cas: %s: top-1 %.4f, top-5 %.4f (best epoch %d of %d, %d images, %.1fs) [%d/%d]", what, res.top1,
-                 res.top5, res.best_epoch, res.epochs_run, res.num_images, res.seconds, len(results), len(jobs))
-    return [results[i] for i in range(len(jobs))]
+    _started: dict[tuple, Any] = {}  # (slice, cas job) -> ObjectRef, shared by the stages of one driver
+
+    def __init__(self, cfg: Config, parallel: int, *, val: tuple | None = None, test: tuple | None = None,
+                 num_classes: int | None = None, variant: str | None = None):
+        device = connect(cfg)
+        if val is None or test is None or num_classes is None:
+            val, test, num_classes = _real(Run(cfg))
+        cas = CasConfig(**{**cfg.cas.__dict__, **({"variant": variant} if variant else {})})
+        self.task, self.job = _task(_set_task, cfg, device, parallel, num_classes, cas)
+        self.val_ref, self.test_ref = ray.put(val), ray.put(test)
+
+    def start(self, piece: SetSlice) -> Any:
+        key = (piece, repr(self.job))
+        if key not in Scorer._started:
+            Scorer._started[key] = self.task.remote(self.job, piece, self.val_ref, self.test_ref)
+        return Scorer._started[key]
+
+    def collect(self, pieces: list[SetSlice]) -> list[Score]:
+        """Scores in the order of ``pieces`` (started now if not yet); a line as each finishes."""
+        pending = {self.start(p): i for i, p in enumerate(pieces)}
+        results: dict[int, Score] = {}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            i = pending.pop(ready[0])
+            res = results[i] = ray.get(ready[0])
+            res.train = pieces[i].set_dir
+            what = f"{pieces[i].set_dir} (stratified prefix)" if pieces[i].prefix else pieces[i].set_dir
+            log.info("cas: %s: top-1 %.4f, top-5 %.4f (best epoch %d of %d, %d images, %.1fs) [%d/%d]", what, res.top1,
+                     res.top5, res.best_epoch, res.epochs_run, res.num_images, res.seconds, len(results), len(pieces))
+        for p in pieces:
+            Scorer._started.pop((p, repr(self.job)), None)
+        return [results[i] for i in range(len(pieces))]
 
 
 def cas_of_set(cfg: Config, train_dir: str, **kwargs: Any) -> Score:
-    """CAS of the set in ``train_dir`` (keywords as :func:`cas_of_sets`)."""
-    prefix = kwargs.pop("prefix_counts", None)
-    return cas_of_sets(cfg, [(train_dir, prefix)], **kwargs)[0]
+    """CAS of the whole set in ``train_dir`` (val/test default to the run's real splits)."""
+    return Scorer(cfg, 1, **kwargs).collect([SetSlice.whole(train_dir)])[0]
 
 
 def cas_of_generator(cfg: Config, spec: GeneratorSpec, num_images: int, balance: str = "uniform") -> Score:
@@ -152,6 +187,7 @@ def cas_of_generator(cfg: Config, spec: GeneratorSpec, num_images: int, balance:
     run = Run(cfg)
     val, test, num_classes = _real(run)
     task, job = _task(_generator_task, cfg, device, 1, num_classes, cfg.cas)
+    task = task.options(max_calls=1)  # the worker exits after it: an SD generator must not stay cached in an idle worker
     res = ray.get(task.remote(job, spec, num_images, balance, run.train_meta["counts_per_class"], val, test,
                               cfg.sampling.batch_size))
     log.info("cas: %d generated images (IS %d, UGS %.3g): top-1 %.4f, top-5 %.4f, %.1f img/s", num_images,
@@ -173,3 +209,38 @@ def check_compatible(set_dir: str, num_classes: int, image_shape: tuple[int, ...
     if meta["num_classes"] != num_classes or tuple(meta["image_shape"]) != tuple(image_shape):
         raise RaysdError(f"cas: {set_dir} has {meta['num_classes']} classes of {tuple(meta['image_shape'])} images; "
                          f"the real data has {num_classes} classes of {tuple(image_shape)}")
+
+
+def scaling_slices(run: Run, set_dir: str, prefix_counts: list[list[int]],
+                   shards: dict[int, tuple[str, str, int]] | None = None) -> list[SetSlice | None]:
+    """The real training split, then each stratified prefix of the generated set (from its
+    committed meta.json, or the shards written so far)."""
+    if shards is None:
+        meta = imageset.read_meta(set_dir)
+        shards = {int(n[6:12]): (n, i["sha256"], i["rows"]) for n, i in meta["files"].items()}
+        plan_counts, shard_size = meta["counts_per_class"], meta["provenance"]["shard_size"]
+    else:
+        plan_counts, shard_size = prefix_counts[-1], run.cfg.scale.shard_size
+    shape = (*run.image_size, 3)
+    return [SetSlice.whole(run.split_dir("train")),
+            *(prefix_slice(set_dir, shards, plan_counts, c, shard_size, shape) for c in prefix_counts)]
+
+
+class PrefixStarter:
+    """Hears of each shard the generation writes and starts the classifier of every scale whose
+    prefix is complete (and the real data's at once): the scaling study overlaps generation."""
+
+    def __init__(self, run: Run, set_dir: str, prefix_counts: list[list[int]]):
+        self.run, self.set_dir, self.prefix_counts = run, set_dir, prefix_counts
+        self.scorer: Scorer | None = None
+        self.started: set[int] = set()
+
+    def __call__(self, shards: dict[int, tuple[str, str, int]]) -> None:
+        self.scorer = self.scorer or Scorer(self.run.cfg, len(self.prefix_counts) + 1)
+        for i, piece in enumerate(scaling_slices(self.run, self.set_dir, self.prefix_counts, shards)):
+            if piece is not None and i not in self.started:
+                self.scorer.start(piece)
+                self.started.add(i)
+                if i:
+                    log.info("cas: prefix %d of %d is written: its classifier starts while generation continues", i,
+                             len(self.prefix_counts))

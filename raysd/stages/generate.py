@@ -16,7 +16,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import ray
@@ -30,7 +30,7 @@ from raysd.errors import RaysdError
 from raysd.faults import maybe_fail
 from raysd.run.generators import spec_provenance
 from raysd.run.rundir import Run, claim
-from raysd.stages.cluster import connect
+from raysd.stages.cluster import accelerator_capacity, connect
 
 log = logging.getLogger("raysd")
 
@@ -87,9 +87,15 @@ class ShardGenerator:
         return {k: np.asarray(v) for k, v in out.items()}
 
 
+ShardsDone = Callable[[dict[int, tuple[str, str, int]]], None]  # {index: (name, sha256, rows)} written so far
+
+
 def generate_set(cfg: Config, out_dir: str, *, num_images: int, class_balance: str, spec: GeneratorSpec,
-                 restart: bool = False) -> dict[str, Any]:
-    """Generate (or finish, or find complete) the set in ``out_dir``; returns its meta."""
+                 restart: bool = False, on_shards: ShardsDone | None = None) -> dict[str, Any]:
+    """Generate (or finish, or find complete) the set in ``out_dir``; returns its meta.
+
+    Shards are made in sample_id order (so the prefixes of a scaling study complete early) and
+    ``on_shards`` hears of every shard as it is written, e.g. to start classifiers on them."""
     if num_images < 1:
         raise RaysdError(f"generate: the number of images must be >= 1; got {num_images}")
     run = Run(cfg)
@@ -104,18 +110,20 @@ def generate_set(cfg: Config, out_dir: str, *, num_images: int, class_balance: s
         log.info("generate: %s is complete (%d images), skipped", out_dir, num_images)
         return imageset.read_meta(out_dir)
     n_shards = plan.num_shards(shard_size)
-    done = _complete_shards(out_dir)
-    todo = [i for i in range(n_shards) if i not in done]
+    rows = {i: len(range(*plan.shard(i, shard_size).indices(len(plan)))) for i in range(n_shards)}
+    # shards of an interrupted run: whole files (each written at once), hashed once here
+    written = {i: (shard_name(i), storage.sha256_file(storage.join(out_dir, shard_name(i))), rows[i])
+               for i in sorted(_complete_shards(out_dir)) if i < n_shards}
+    todo = [i for i in range(n_shards) if i not in written]
     log.info("generate: %d images in %d shard(s) of %d -> %s (%d done, %d to make); counts per class %s",
-             num_images, n_shards, shard_size, out_dir, len(done), len(todo), plan.counts)
+             num_images, n_shards, shard_size, out_dir, len(written), len(todo), plan.counts)
+    if on_shards is not None:
+        on_shards(dict(written))
     job = ShardJob(spec, out_dir, device, cfg.resources.torch_threads or 1, cfg.sampling.batch_size,
                    cfg.scale.keep_full_resolution)
-    hashes = _run_pipeline(cfg, job, plan, todo, shard_size) if todo else {}
-    files = {}
-    for i in range(n_shards):
-        name = shard_name(i)
-        sha = hashes.get(i) or storage.sha256_file(storage.join(out_dir, name))
-        files[name] = {"rows": len(range(*plan.shard(i, shard_size).indices(len(plan)))), "sha256": sha}
+    if todo:
+        _run_pipeline(cfg, job, plan, todo, shard_size, written, on_shards)
+    files = {name: {"rows": n, "sha256": sha} for name, sha, n in (written[i] for i in range(n_shards))}
     meta = imageset.set_meta(dataset=run.train_meta["dataset"], split="synthetic", class_names=run.train_meta[
         "class_names"], labels=plan.labels, image_shape=(*spec.out_size, 3), files=files,
         provenance={**provenance, "fingerprint": fp})
@@ -127,35 +135,44 @@ def _complete_shards(out_dir: str) -> set[int]:
     return {int(m.group(1)) for n in storage.listdir(out_dir) if (m := _SHARD_RE.match(n))}
 
 
-def _actor_pool(cfg: Config, device: str) -> tuple[int, float, float]:
-    """(pool size, GPUs per actor, CPUs per actor)."""
-    res = ray.cluster_resources()
-    if device == "cuda":
-        return cfg.resources.generation_actors or max(1, int(res.get("GPU", 1))), 1.0, 0.0
-    threads = cfg.resources.torch_threads or 1
-    return cfg.resources.generation_actors or max(1, int(res.get("CPU", 1)) // threads), 0.0, 1.0
+def _actor_pool(cfg: Config, device: str, shards: int) -> tuple[Any, dict[str, Any]]:
+    """(Ray Data compute strategy, per-actor resources). On accelerators the pool starts with one
+    actor and grows to the cluster's capacity as accelerator nodes join (the autoscaler adds them
+    for the pool's pending actors); every actor holds one accelerator, so none runs on a head
+    without one. On CPUs: a fixed pool of CPU actors."""
+    r = cfg.resources
+    if device == "cuda" or r.accelerator != "GPU":  # a custom accelerator resource is always asked for
+        size = min(shards, r.generation_actors or max(1, accelerator_capacity(cfg)))
+        res = {"num_gpus": 1.0, "num_cpus": 0.0} if r.accelerator == "GPU" and device == "cuda" else {
+            "num_cpus": 1.0 if device == "cpu" else 0.0, "resources": {r.accelerator: 1.0}}
+        return ray.data.ActorPoolStrategy(min_size=1, max_size=size), res
+    threads = r.torch_threads or 1
+    size = min(shards, r.generation_actors or max(1, int(ray.cluster_resources().get("CPU", 1)) // threads))
+    return ray.data.ActorPoolStrategy(size=size), {"num_cpus": 1.0}
 
 
-def _run_pipeline(cfg: Config, job: ShardJob, plan: Plan, todo: list[int], shard_size: int) -> dict[int, str]:
-    pool, gpus, cpus = _actor_pool(cfg, job.device)
+def _run_pipeline(cfg: Config, job: ShardJob, plan: Plan, todo: list[int], shard_size: int,
+                  written: dict[int, tuple[str, str, int]], on_shards: ShardsDone | None) -> None:
+    """Make the shards of ``todo`` (recording each in ``written`` as it lands)."""
+    compute, resources = _actor_pool(cfg, job.device, len(todo))
     rows = []
     for i in todo:
         sl = plan.shard(i, shard_size)
         rows.append({"shard": i, "lo": sl.start, "labels": plan.labels[sl].tolist(), "seeds": plan.seeds[sl].tolist()})
     ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
-        ShardGenerator, fn_constructor_kwargs={"job": job}, batch_size=1, batch_format="numpy", num_gpus=gpus,
-        num_cpus=cpus, compute=ray.data.ActorPoolStrategy(size=min(pool, len(rows))),  # one replica per GPU, all up front
-    )
+        ShardGenerator, fn_constructor_kwargs={"job": job}, batch_size=1, batch_format="numpy", compute=compute,
+        **resources)
     t0 = time.perf_counter()
     total = sum(len(r["labels"]) for r in rows)
-    made, hashes, nodes = 0, {}, {}
+    made, nodes = 0, {}
     for k, row in enumerate(ds.iter_rows(), 1):
         made += int(row["rows"])
-        hashes[int(row["shard"])] = str(row["sha256"])
+        written[int(row["shard"])] = (shard_name(int(row["shard"])), str(row["sha256"]), int(row["rows"]))
         nodes[row["node"]] = nodes.get(row["node"], 0) + 1
+        if on_shards is not None:
+            on_shards(dict(written))
         rate = made / max(time.perf_counter() - t0, 1e-9)
         log.info("generate: shard %d done (%d/%d shards, %d/%d images, %.1f img/s, ETA %.0fs)", row["shard"], k,
                  len(todo), made, total, rate, (total - made) / max(rate, 1e-9))
-    log.info("generate: %d images in %.1fs (%.1f img/s) on %d actor(s); shards per node %s", made,
-             time.perf_counter() - t0, made / max(time.perf_counter() - t0, 1e-9), pool, json.dumps(nodes))
-    return hashes
+    log.info("generate: %d images in %.1fs (%.1f img/s); shards per node %s", made, time.perf_counter() - t0,
+             made / max(time.perf_counter() - t0, 1e-9), json.dumps(nodes))

@@ -1,10 +1,11 @@
 """Stage: a real dataset -> canonical Parquet sets ``OUT/{train,val,test}`` through Ray Data.
 
-Each split is written into a temporary directory, described by ``meta.json`` (shards, row
-counts, SHA-256, class counts, source checksums) and only then renamed into place, so a crash
-never leaves a directory that looks complete. A rerun with the same source skips the split; an
-existing split that holds something else is refused. :func:`write_parquet_set` is the one
-write-describe-commit sequence of every set Ray Data writes (splits, the latent cache).
+Each split's shards are written into its directory, then ``meta.json`` (shards, row counts,
+SHA-256, class counts, source checksums) last: a directory without it is incomplete and no reader
+uses it, so a crash never leaves a set that looks complete, on a local disk or an object store.
+A rerun with the same source skips the split; a directory that holds something else is refused.
+:func:`write_parquet_set` is the one write-describe-commit sequence of every set Ray Data writes
+(splits, the latent cache).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from ray.data.datasource import FilenameProvider
 from raysd.data import imageset, storage
 from raysd.data.sources import SPLITS, RealDataset, load_dataset
 from raysd.errors import RaysdError
-from raysd.run.rundir import Run
+from raysd.run.rundir import CLAIM, Run, claim
 from raysd.stages.cluster import ensure_ray
 
 log = logging.getLogger("raysd")
@@ -36,6 +37,8 @@ def prepare_dataset(name: str, out: str, *, data_dir: str | None = None, downloa
 
 
 def write_dataset(ds: RealDataset, out: str) -> dict[str, Any]:
+    if storage.isfile(out):
+        raise RaysdError(f"prepare: --out {out} is a file; give a directory (it will hold train/, val/ and test/)")
     fingerprint = ds.fingerprint()
     metas: dict[str, Any] = {}
     pending = []
@@ -51,9 +54,8 @@ def write_dataset(ds: RealDataset, out: str) -> dict[str, Any]:
                 )
             log.info("prepare: %s already complete (%d rows), skipped", target, meta["num_rows"])
             metas[split] = meta
-        elif storage.exists(target):
-            raise RaysdError(f"prepare: {target} exists but is not a raysd image set; choose another --out or remove it")
         else:
+            claim(target, fingerprint, what="prepare", fix="choose another --out")  # a foreign directory: refused
             pending.append(split)
     if pending:
         ensure_ray()
@@ -64,22 +66,24 @@ def write_dataset(ds: RealDataset, out: str) -> dict[str, Any]:
 
 class _Names(FilenameProvider):
     def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-        return f"part-{task_index:05d}"  # Ray appends "-<i>.parquet"
+        return f"part-{task_index:05d}-{write_uuid}"  # Ray appends "-<i>.parquet"; APPEND needs the write uuid
 
 
 def write_parquet_set(ds: "ray.data.Dataset", target: str, describe: Callable[[dict[str, dict], int], dict]) -> None:
-    """Write a Ray dataset as a set directory: shards, then ``meta.json`` (``describe(files, rows)``
-    plus every shard's rows and SHA-256), written under a temporary name and renamed last."""
-    tmp = f"{target}{storage.TMP_MARK}write"
-    storage.remove(tmp)  # a leftover of an interrupted run; ours by its name
-    fs, fs_path = storage.filesystem(tmp)
-    ds.write_parquet(fs_path, filesystem=fs, filename_provider=_Names(), mode=ray.data.SaveMode.OVERWRITE)
+    """Write a Ray dataset as a set directory that its caller has claimed: shards straight into
+    their final place, then ``meta.json`` (``describe(files, rows)`` with every shard's rows and
+    SHA-256) as the commit record. No rename (object stores have none); the leftovers of an
+    interrupted write, which no record lists, are removed first."""
+    storage.remove(storage.join(target, imageset.META))
+    storage.remove_unlisted(target, keep={CLAIM})
+    fs, fs_path = storage.filesystem(target)
+    ds.write_parquet(fs_path, filesystem=fs, filename_provider=_Names(), mode=ray.data.SaveMode.APPEND)
     files = {}
-    for fn in storage.listdir(tmp):
-        table = imageset.read_shard(storage.join(tmp, fn))
-        files[fn] = {"rows": table.num_rows, "sha256": storage.sha256_file(storage.join(tmp, fn))}
-    storage.write_json_atomic(storage.join(tmp, imageset.META), describe(files, sum(f["rows"] for f in files.values())))
-    storage.rename(tmp, target)
+    for fn in storage.listdir(target):
+        if fn.endswith(".parquet"):
+            table = imageset.read_shard(storage.join(target, fn))
+            files[fn] = {"rows": table.num_rows, "sha256": storage.sha256_file(storage.join(target, fn))}
+    storage.write_json(storage.join(target, imageset.META), describe(files, sum(f["rows"] for f in files.values())))
 
 
 def _write_split(ds: RealDataset, split: str, target: str, fingerprint: str) -> dict[str, Any]:

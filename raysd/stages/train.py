@@ -20,7 +20,7 @@ from ray.train import UserCallback
 from raysd.config import Config, TrainStepConfig
 from raysd.data import checkpoints as ck
 from raysd.data import imageset, storage
-from raysd.data.models import BASE_META
+from raysd.data.models import BASE_META, base_identity
 from raysd.errors import RaysdError
 from raysd.run.rundir import Run, claim
 from raysd.stages.cluster import cluster_gpus, connect
@@ -85,22 +85,21 @@ def ensure_base(run: Run) -> str:
 
 
 def export_base(run: Run, epoch: int) -> None:
-    """Write the pretrained tiny UNet as a diffusers directory RUN/base (temp name, renamed)."""
+    """Write the pretrained tiny UNet as a diffusers directory RUN/base (on any storage), its
+    record ``raysd_base.json`` last."""
+    import tempfile
+
     from raysd.core.models.diffusion import build_tiny
-    from raysd.data.models import save_base_model
+    from raysd.data.models import publish_base, save_base_model
 
     cfg = run.cfg
     base = build_tiny(cfg.model.base_model, cfg.model.resolution, seed=cfg.seed)
     state, meta = ck.load_weights(ck.epoch_dir(run.ckpt_root("pretrain"), epoch))
     base.unet.load_state_dict(state)
-    target = storage.local_path(run.base_dir)
-    tmp = f"{target}{storage.TMP_MARK}export"
-    storage.remove(tmp)
-    save_base_model(base, tmp, schedule_of(cfg), extra={
-        "pretrained_by": "raysd demo pretraining (unconditional, PCA-code context)", "epoch": epoch,
-        "loss": meta.get("loss")})
-    storage.remove(target)
-    storage.rename(tmp, target)
+    with tempfile.TemporaryDirectory(prefix="raysd-base-") as tmp:
+        save_base_model(base, tmp, schedule_of(cfg), extra={
+            "pretrained_by": "raysd pretraining (no labels, PCA-code context)", "epoch": epoch, "loss": meta.get("loss")})
+        publish_base(tmp, run.base_dir)
 
 
 def _check_encoder_epoch(run: Run, encoder_epoch: int | None) -> int:
@@ -124,11 +123,12 @@ def _check_encoder_epoch(run: Run, encoder_epoch: int | None) -> int:
 def ensure_latent_cache(run: Run, base: str, device: str) -> str:
     """RUN/cache/latents-KEY: posterior (mean, logvar) of every train image, computed once."""
     cfg = run.cfg
-    key = run.stage_hash(extra=[base, _base_identity(base), cfg.model.resolution,
+    key = run.stage_hash(extra=[base, base_identity(base), cfg.model.resolution,
                                 run.train_meta["provenance"].get("fingerprint")])
     cache = run.cache_dir(key)
     if imageset.is_complete(cache):
         return cache
+    claim(cache, key, what="latent cache")
     t0 = time.perf_counter()
     n_gpu = 1 if device == "cuda" else 0
     ds = ray.data.read_parquet(imageset.verified_files(run.split_dir("train")))
@@ -145,14 +145,6 @@ def ensure_latent_cache(run: Run, base: str, device: str) -> str:
     write_parquet_set(ds, cache, describe)
     log.info("latent cache: %d images encoded in %.1fs -> %s", run.num_train, time.perf_counter() - t0, cache)
     return cache
-
-
-def _base_identity(spec: str) -> str:
-    """Content identity of a local base (its config/weights files change when it is re-exported)."""
-    import os
-
-    meta = os.path.join(storage.local_path(spec), BASE_META)
-    return storage.sha256_file(meta) if os.path.isfile(meta) else spec
 
 
 class PosteriorEncoder:

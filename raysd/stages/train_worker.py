@@ -6,6 +6,7 @@ checkpoint per epoch (rank 0 writes it; Ray persists it under RUN/checkpoints/KI
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,6 @@ from raysd.config import Config, TrainStepConfig
 from raysd.core.models.class_encoder import ClassEncoder
 from raysd.core.models.diffusion import NoiseSchedule
 from raysd.data import checkpoints as ck
-from raysd.data import storage
 from raysd.errors import RaysdError
 from raysd.faults import maybe_fail
 from raysd.run.rundir import Run
@@ -40,7 +40,7 @@ class TrainJob:
 
 def schedule_of(cfg: Config) -> NoiseSchedule:
     m = cfg.model
-    return NoiseSchedule(m.beta_start, m.beta_end, m.num_train_timesteps)
+    return NoiseSchedule(m.beta_start, m.beta_end, m.num_train_timesteps, m.prediction_type)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -62,6 +62,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                          label_dropout=cfg.model.label_dropout if cfg.model.null_class else 0.0,
                          autocast_dtype=_autocast(cfg.model.precision, device))
     base.vae = None  # the posteriors are cached: the VAE is not needed while training
+    if job.step.gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing()
+    if job.kind == "encoder" and cfg.model.frozen_dtype == "bf16" and tcfg.autocast_dtype is not None:
+        base.unet.to(torch.bfloat16)  # frozen: only read (its gradients flow to the context, not kept)
     trainer = DiffusionTrainer(tcfg, unet=base.unet, encoder=encoder, data=data, device=device,
                                wrap=ray.train.torch.prepare_model if world > 1 else None)
     start = _resume(trainer, job)
@@ -100,7 +104,8 @@ def _build_models(job: TrainJob, device: torch.device):
     from raysd.data.models import load_base_model
 
     cfg = job.run.cfg
-    base = load_base_model(job.base, resolution=cfg.model.resolution, dtype=torch.float32, device=device, seed=cfg.seed)
+    base = load_base_model(job.base, resolution=cfg.model.resolution, dtype=torch.float32, device=device, seed=cfg.seed,
+                           schedule=schedule_of(cfg))
     if job.kind == "pretrain":
         return base, None
     with torch.random.fork_rng(devices=[]):
@@ -120,20 +125,21 @@ def _resume(trainer: DiffusionTrainer, job: TrainJob) -> int:
     of the same run); a scan of the run directory covers a record lost in a crash.
     """
     root = job.run.ckpt_root(job.kind)
-    directory = None
+    epoch = None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
-        directory = storage.join(root, ckpt.path.rstrip("/").rsplit("/", 1)[-1])
-    if directory is None or not ck.is_valid(directory, resumable=True):
+        m = re.match(r"epoch_(\d+)$", ckpt.path.rstrip("/").rsplit("/", 1)[-1])
+        epoch = int(m.group(1)) if m else None
+    if epoch is None or not ck.is_resumable(root, epoch):
         epoch = ck.latest_resumable(root)
-        directory = ck.epoch_dir(root, epoch) if epoch else None
-    if directory is None:
+    if epoch is None:
         return 0
+    directory = ck.epoch_dir(root, epoch)
     state, meta = ck.load_weights(directory)
     if meta.get("config_hash") != job.config_hash:
         raise RaysdError(f"checkpoint {directory} was made with other settings; use --restart")
     trainer.trainable.load_state_dict(state)
-    opt_state, extra = ck.load_resume_state(directory)
+    opt_state, extra = ck.load_resume_state(root, epoch)
     trainer.load_resume(opt_state, extra)
     print(f"[raysd] resuming {meta.get('kind')} after epoch {meta['epoch']} from {directory}", flush=True)
     return int(meta["epoch"])
@@ -163,19 +169,21 @@ def _checkpoint_meta(trainer: DiffusionTrainer, job: TrainJob, epoch: int, metri
 
 def _report_epoch(trainer: DiffusionTrainer, job: TrainJob, epoch: int, metrics: dict, rank: int,
                   encoder: ClassEncoder | None) -> None:
-    from ray.train import Checkpoint
+    """Rank 0 writes the resume state straight to the run directory and the epoch's weights into a
+    local directory that Ray uploads in the background and then deletes; nothing registered is
+    ever edited afterwards, and nothing of it stays on the worker's disk."""
+    from ray.train import Checkpoint, CheckpointUploadMode
 
     cfg, root = job.run.cfg, job.run.ckpt_root(job.kind)
     checkpoint = None
     if rank == 0:
         local = ck.local_tmpdir()
-        ck.write_checkpoint(local, model_state=trainer.trainable.state_dict(),
-                            meta=_checkpoint_meta(trainer, job, epoch, metrics, encoder),
-                            optimizer_state=trainer.opt.state_dict(), resume=trainer.resume_state(),
-                            dtype=cfg.encoder.checkpoint_dtype if job.kind == "encoder" else cfg.finetune.checkpoint_dtype)
+        sha = ck.write_checkpoint(local, model_state=trainer.trainable.state_dict(),
+                                  meta=_checkpoint_meta(trainer, job, epoch, metrics, encoder),
+                                  dtype=cfg.encoder.checkpoint_dtype if job.kind == "encoder" else
+                                  cfg.finetune.checkpoint_dtype)
+        ck.write_resume(root, epoch, optimizer_state=trainer.opt.state_dict(), extra=trainer.resume_state(),
+                        weights_sha=sha)
         checkpoint = Checkpoint.from_directory(local)
-    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch:03d}")
-    if rank == 0 and epoch > 1 and job.kind != "pretrain":
-        previous = ck.epoch_dir(root, epoch - 1)
-        if ck.is_valid(storage.join(root, f"epoch_{epoch:03d}"), resumable=True) and storage.exists(previous):
-            ck.drop_resume_files(previous)
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch:03d}",
+                     checkpoint_upload_mode=CheckpointUploadMode.ASYNC, delete_local_checkpoint_after_upload=True)

@@ -67,6 +67,7 @@ from ray.cluster_utils import Cluster
 from raysd.config import flatten, load_config
 from raysd.stages.generate import generate_set
 from raysd.run.generators import resolve_spec
+from raysd.run.rundir import Run
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
 workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
 ray.init(address=cluster.address)
