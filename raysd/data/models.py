@@ -5,6 +5,7 @@ TAESD decoders, and trained generators loaded from checkpoints (once per process
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -18,10 +19,25 @@ from raysd.core.models.class_encoder import ClassEncoder
 from raysd.core.models.diffusion import (RANDOM, TINY, BaseModel, NoiseSchedule, build_random, build_tiny,
                                          resolve_dtype)
 from raysd.data import checkpoints as ck
+from raysd.data import storage
 from raysd.data.storage import check_member_name, sha256_file
 from raysd.errors import RaysdError
 
 BASE_META = "raysd_base.json"
+BUILTIN = "builtin:"  # bases shipped in the package: builtin:NAME is raysd/data/bases/NAME
+BUILTIN_DIR = Path(__file__).resolve().parent / "bases"
+
+
+def resolve_base(spec: str) -> str:
+    """A ``builtin:NAME`` base as the directory it is shipped in; any other spec as it is."""
+    if not spec.startswith(BUILTIN):
+        return spec
+    path = BUILTIN_DIR / spec[len(BUILTIN):]
+    if not (path / BASE_META).is_file():
+        known = sorted(p.name for p in BUILTIN_DIR.iterdir() if (p / BASE_META).is_file()) if BUILTIN_DIR.is_dir() else []
+        raise RaysdError(f"base model {spec}: no such built-in base (shipped: {', '.join(known) or 'none'}); "
+                         "rebuild it with `raysd pretrain-base` or reinstall raysd")
+    return str(path)
 
 
 def is_local_model_dir(spec: str) -> bool:
@@ -29,18 +45,47 @@ def is_local_model_dir(spec: str) -> bool:
 
 
 def load_base_model(spec: str, *, resolution: int, dtype: torch.dtype = torch.float32,
-                    device: torch.device | str = "cpu", seed: int = 0) -> BaseModel:
-    """Load (or build, for ``tiny``) the base model; one clear error when it is unavailable."""
+                    device: torch.device | str = "cpu", seed: int = 0,
+                    schedule: NoiseSchedule | None = None) -> BaseModel:
+    """Load (or build, for ``tiny``) the base model; one clear error when it is unavailable.
+
+    With ``schedule``, the base's own ``scheduler/scheduler_config.json`` (when it has one) must
+    agree with it (betas, schedule, prediction type): a v-prediction base trained as epsilon would
+    be silently wrong, so a mismatch is refused in one line naming the setting to change."""
     if spec in TINY:
         return build_tiny(spec, resolution, seed).to(device, dtype)
     if spec in RANDOM:
         return build_random(spec, resolution, seed).to(device, dtype)
+    spec = resolve_base(spec)
+    if storage.is_uri(spec):
+        spec = fetch_base(spec)
     local = Path(spec).expanduser()
     if local.exists() and not is_local_model_dir(spec):
         raise RaysdError(f"base model {spec}: directory exists but has no unet/config.json "
                          "(expected a diffusers layout: unet/, vae/, scheduler/)")
     base = _load_diffusers(str(local) if local.exists() else spec, resolution, dtype)
+    if schedule is not None and base.scheduler_config:
+        check_schedule(spec, base.scheduler_config, schedule)
     return base.to(device)
+
+
+def check_schedule(spec: str, scheduler_config: dict[str, Any], schedule: NoiseSchedule) -> None:
+    wrong = schedule.mismatch(scheduler_config)
+    if wrong:
+        theirs = ", ".join(f"{k}={scheduler_config[k]}" for k in wrong)
+        raise RaysdError(f"base model {spec}: its scheduler config has {theirs}, the run's model settings differ; set "
+                         + " ".join(f"--set model.{k}={scheduler_config[k]}" for k in wrong
+                                    if k != "beta_schedule") + " (raysd trains and samples with scaled_linear betas)")
+
+
+def _scheduler_config(spec: str, offline: bool) -> dict[str, Any] | None:
+    """The base's ``scheduler/scheduler_config.json``, from its directory or the hub cache; None if it has none."""
+    from diffusers import DDPMScheduler
+
+    try:
+        return dict(DDPMScheduler.load_config(spec, subfolder="scheduler", local_files_only=offline))
+    except Exception:  # noqa: BLE001 - no scheduler folder: the run's settings stand
+        return None
 
 
 def _load_diffusers(spec: str, resolution: int, dtype: torch.dtype) -> BaseModel:
@@ -74,7 +119,8 @@ def _load_diffusers(spec: str, resolution: int, dtype: torch.dtype) -> BaseModel
     meta = Path(spec) / BASE_META
     if is_dir and meta.is_file():
         resolution = int(json.loads(meta.read_text()).get("resolution", resolution))
-    return BaseModel(unet=unet, vae=vae, resolution=resolution, source=spec)
+    return BaseModel(unet=unet, vae=vae, resolution=resolution, source=spec,
+                     scheduler_config=_scheduler_config(spec, offline))
 
 
 def load_tiny_decoder(spec: str, *, latent_channels: int, dtype: torch.dtype = torch.float32,
@@ -104,10 +150,12 @@ def load_tiny_decoder(spec: str, *, latent_channels: int, dtype: torch.dtype = t
 
 
 def save_base_model(base: BaseModel, directory: str | Path, schedule: NoiseSchedule | None = None,
-                    extra: dict[str, Any] | None = None) -> None:
-    """A diffusers directory (unet/, vae/, scheduler/) that :func:`load_base_model` reads back."""
+                    extra: dict[str, Any] | None = None, weights_dtype: torch.dtype | None = None) -> None:
+    """A diffusers directory (unet/, vae/, scheduler/) that :func:`load_base_model` reads back;
+    ``weights_dtype`` stores the UNet's weights in that dtype (loading casts them back)."""
     d = Path(directory)
-    base.unet.save_pretrained(d / "unet", safe_serialization=True)
+    unet = base.unet if weights_dtype is None else copy.deepcopy(base.unet).to(weights_dtype)
+    unet.save_pretrained(d / "unet", safe_serialization=True)
     if base.vae is not None:
         base.vae.save_pretrained(d / "vae", safe_serialization=True)
     sched = (schedule or NoiseSchedule()).diffusers_config()
@@ -116,6 +164,38 @@ def save_base_model(base: BaseModel, directory: str | Path, schedule: NoiseSched
     files = {str(f.relative_to(d)): sha256_file(str(f)) for f in sorted(d.rglob("*")) if f.is_file() and f.name != BASE_META}
     (d / BASE_META).write_text(json.dumps({"resolution": base.resolution, "source": base.source, **(extra or {}),
                                            "files": files}, indent=2))
+
+
+def publish_base(local_dir: str, dest: str) -> None:
+    """Copy a base written locally to ``dest`` (any storage) file by file, its record last."""
+    storage.remove(storage.join(dest, BASE_META))  # uncommitted while it changes
+    storage.remove(dest)
+    storage.upload_dir(local_dir, dest, skip=(BASE_META,))
+    with open(os.path.join(local_dir, BASE_META), "rb") as f:
+        storage.write_bytes(storage.join(dest, BASE_META), f.read())
+
+
+def base_identity(spec: str) -> str:
+    """What a base's content is: the SHA-256 of its raysd record, or the spec of a hub id or builtin model."""
+    record = storage.join(resolve_base(spec), BASE_META)
+    return storage.sha256_file(record) if not spec.startswith(("tiny", "random:")) and storage.exists(record) else spec
+
+
+def fetch_base(uri: str) -> str:
+    """A raysd-written base on an object store, copied into a local cache (once per content) and
+    verified there; returns the local directory diffusers loads."""
+    record = storage.read_bytes(storage.join(uri, BASE_META))
+    cache = Path(os.environ.get("RAYSD_CACHE", Path.home() / ".cache" / "raysd")) / "bases" / storage.sha256_bytes(record)
+    if not (cache / BASE_META).is_file() or verify_base_dir(cache):
+        names = list(json.loads(record).get("files") or {})
+        for name in names:
+            check_member_name(name, f"base model {uri}: {BASE_META}", nested=True)
+        storage.download_dir(uri, str(cache), names)
+        (cache / BASE_META).write_bytes(record)  # last: the local copy is complete
+        problems = verify_base_dir(cache)
+        if problems:
+            raise RaysdError(f"base model {uri}: {problems[0]}")
+    return str(cache)
 
 
 def verify_base_dir(directory: str | Path) -> list[str]:

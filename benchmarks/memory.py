@@ -1,0 +1,95 @@
+"""Memory of one training step of steps 1 and 3 on the SD2-base architecture (random weights), at
+128 px (16x16 latents), measured as the process's peak RSS on the CPU, against raysd's estimate
+(raysd.core.memory), and the GPU memory the estimate gives for the paper's batch sizes.
+
+    python benchmarks/memory.py                    # measures batch 1 and 4, fp32, on the CPU
+    python benchmarks/memory.py --one KIND BATCH   # one measurement (what the table runs per row)
+
+Each measurement runs in a fresh process (the peak RSS of a process never goes down). The
+activation bytes per sample are the slope between the two batch sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import table  # noqa: E402
+
+GB = 1024**3
+
+
+def one(kind: str, batch: int, checkpointing: bool) -> dict:
+    """Peak RSS (bytes) after two training steps of ``kind`` at ``batch``."""
+    import torch
+
+    from raysd.config import TrainStepConfig
+    from raysd.core.diffusion_trainer import DiffusionTrainer, TrainData, TrainerConfig
+    from raysd.core.models import ClassEncoder
+    from raysd.core.models.diffusion import NoiseSchedule, build_random
+
+    torch.set_num_threads(2)
+    base = build_random("random:sd2-base", 128)
+    base.vae = None
+    if checkpointing:
+        base.unet.enable_gradient_checkpointing()
+    enc = ClassEncoder(10, 77, 1024)
+    n = 2 * batch
+    data = TrainData(labels=torch.arange(n) % 10, mean=torch.randn(n, 4, 16, 16), logvar=torch.zeros(n, 4, 16, 16))
+    step = TrainStepConfig(epochs=1, global_batch_size=batch, lr=1e-5, steps_per_epoch=2)
+    trainer = DiffusionTrainer(TrainerConfig(kind=kind, step=step, schedule=NoiseSchedule(), scaling_factor=0.18215),
+                               unet=base.unet, encoder=enc, data=data, device=torch.device("cpu"))
+    trainer.run_epoch(1)
+    params = {"unet": sum(p.numel() for p in base.unet.parameters()), "encoder": sum(p.numel() for p in enc.parameters())}
+    return {"kind": kind, "batch": batch, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, **params}
+
+
+def measure(kind: str, batch: int, checkpointing: bool = False) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--one", kind, str(batch)] + (["--ckpt"] if checkpointing else []),
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--one", nargs=2, metavar=("KIND", "BATCH"))
+    ap.add_argument("--ckpt", action="store_true")
+    ap.add_argument("--batches", type=int, nargs=2, default=[1, 4])
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(one(args.one[0], int(args.one[1]), args.ckpt)))
+        return
+    from raysd.core import memory
+
+    rows = []
+    for kind in ("encoder", "unet"):
+        lo, hi = (measure(kind, b) for b in args.batches)
+        per_sample = (hi["peak"] - lo["peak"]) / (hi["batch"] - lo["batch"])
+        est = {b["batch"]: memory.training_need(kind, unet_params=b["unet"], encoder_params=b["encoder"], latent_side=16,
+                                                batch=b["batch"], bf16=False).bytes for b in (lo, hi)}
+        for b in (lo, hi):
+            rows.append([kind, b["batch"], f"{b['peak'] / GB:.2f}", f"{est[b['batch']] / GB:.2f}",
+                         f"{per_sample / 2**20:.0f}", f"{per_sample / (b['unet'] * 256):.2e}"])
+    print(table("peak host memory of a training step, SD2-base at 16x16 latents, fp32, CPU",
+                ["step", "batch", "measured GB", "estimate GB", "activations MB/sample", "bytes/param/pixel"], rows))
+    gpu = []
+    for kind, batch in (("encoder", 64), ("unet", 16)):
+        for opts in ({}, {"checkpointing": True}, {"optimizer": "adamw_8bit"}, {"frozen_bf16": True}):
+            if (kind == "encoder" and "optimizer" in opts) or (kind == "unet" and "frozen_bf16" in opts):
+                continue
+            need = memory.training_need(kind, unet_params=lo["unet"], encoder_params=lo["encoder"], latent_side=16,
+                                        batch=batch, bf16=True, **opts)
+            gpu.append([kind, batch, ", ".join(f"{k}" for k in opts) or "paper settings (bf16 autocast)",
+                        f"{need.gb():.1f}"])
+    print()
+    print(table("GPU memory per worker at the paper's batch sizes (estimate from the measured constants)",
+                ["step", "batch", "settings", "GB"], gpu))
+
+
+if __name__ == "__main__":
+    main()
