@@ -170,6 +170,22 @@ def _cas_and_search_parsers(sub) -> None:  # noqa: ANN001
     s.set_defaults(func=cmd.cmd_search)
 
 
+def _pretrain_base_parser(sub) -> None:  # noqa: ANN001
+    s = sub.add_parser("pretrain-base", help="pretrain a tiny base without labels (the demo's shipped base)",
+                       description="Pretrain the tiny pixel-space UNet on a dataset's train split with a label-free, "
+                                   "caption-like context (a fixed random projection of each image's PCA "
+                                   "coefficients), deterministically on the CPU, and write it as a base directory. "
+                                   "`raysd pretrain-base --out raysd/data/bases/tiny-digits` rebuilds the shipped "
+                                   "demo base byte for byte (same thread count).")
+    s.add_argument("--out", required=True, help="the base directory to write")
+    s.add_argument("--dataset", default="digits", help="dataset whose train split it sees (default: digits)")
+    s.add_argument("--data-dir", help="directory holding the raw dataset files")
+    s.add_argument("--steps", type=POSITIVE, default=2400, help="optimizer steps (default: 2400)")
+    s.add_argument("--seed", type=SEED, default=0)
+    s.add_argument("--threads", type=POSITIVE, default=1, help="CPU threads (the same count gives the same bytes)")
+    s.set_defaults(func=cmd.cmd_pretrain_base)
+
+
 def _run_parser(sub) -> None:  # noqa: ANN001
     from raysd.run.rundir import PIPELINE_STAGES
 
@@ -220,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for add in (_prepare_parser, _training_parsers, _generate_parser, _cas_and_search_parsers, _run_parser,
-                _run_dir_parsers):
+                _run_dir_parsers, _pretrain_base_parser):
         add(sub)
     return p
 

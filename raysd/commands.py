@@ -20,13 +20,23 @@ def config_from_args(args: argparse.Namespace) -> Any:
                       ("base_model", "model.base_model"), ("seed", "seed"), ("run_dir", "run_dir")):
         if getattr(args, flag, None) is not None:
             overrides[key] = getattr(args, flag)
+    storage.configure_endpoint(overrides.get("storage_endpoint"))  # before the run's config.json is read
     saved = None
     run_dir = overrides.get("run_dir")
     if run_dir and storage.exists(storage.join(run_dir, "config.json")):
         saved = storage.read_json(storage.join(run_dir, "config.json"))
     preset = args.preset or (saved or {}).get("preset") or "demo"
     kept = {k: v for k, v in saved.items() if k != "preset"} if saved and saved.get("preset") == preset else {}
-    return C.load_config(preset, file=args.config, overrides={**C.flatten(kept), **overrides})
+    cfg = C.load_config(preset, file=args.config, overrides={**C.flatten(kept), **overrides})
+    storage.configure_endpoint(cfg.storage_endpoint)
+    return cfg
+
+
+def _preflight(cfg: Any) -> None:
+    from raysd.run.preflight import preflight
+    from raysd.run.rundir import Run
+
+    preflight(cfg, prepared=Run(cfg).is_prepared())
 
 
 def _require_run(cfg: Any, command: str) -> None:
@@ -48,26 +58,33 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train_encoder(args: argparse.Namespace) -> int:
+    from raysd.run.preflight import oom_as_error
     from raysd.stages.train import train
 
     cfg = config_from_args(args)
-    epochs = train(cfg, "encoder", restart=args.restart)
+    _preflight(cfg)
+    with oom_as_error("train_encoder", cfg):
+        epochs = train(cfg, "encoder", restart=args.restart)
     print(f"class-encoder checkpoints: epochs {epochs} in {cfg.run_dir}/checkpoints/encoder")
     return 0
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
+    from raysd.run.preflight import oom_as_error
     from raysd.stages.train import train
 
     cfg = config_from_args(args)
     _require_run(cfg, "finetune")
-    epochs = train(cfg, "unet", encoder_epoch=args.encoder_epoch, restart=args.restart)
+    _preflight(cfg)
+    with oom_as_error("finetune", cfg):
+        epochs = train(cfg, "unet", encoder_epoch=args.encoder_epoch, restart=args.restart)
     print(f"unet checkpoints: epochs {epochs} in {cfg.run_dir}/checkpoints/unet")
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from raysd.data import storage
+    from raysd.run.preflight import oom_as_error
     from raysd.run.generators import resolve_spec
     from raysd.run.rundir import Run
     from raysd.stages.generate import generate_set
@@ -86,8 +103,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     spec = resolve_spec(run, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                         encoder_epoch=args.encoder_epoch, unet_epoch=args.unet_epoch, scheduler=args.scheduler)
     out = run.synthetic_dir(name)
-    meta = generate_set(cfg, out, num_images=n, class_balance=args.class_balance or cfg.scale.class_balance,
-                        spec=spec, restart=args.restart)
+    with oom_as_error("generate", cfg):
+        meta = generate_set(cfg, out, num_images=n, class_balance=args.class_balance or cfg.scale.class_balance,
+                            spec=spec, restart=args.restart)
     print(f"{storage.local_path(out)}: {meta['num_rows']} images, counts per class {meta['counts_per_class']}")
     return 0
 
@@ -121,12 +139,13 @@ def cmd_cas(args: argparse.Namespace) -> int:
     result = {k: v for k, v in dataclasses.asdict(score).items() if k in CAS_KEYS}
     result.update(dataset=cfg.dataset.name, variant=args.variant or cfg.cas.variant)
     if args.out:
-        storage.write_bytes_atomic(args.out, (json.dumps(result, indent=2) + "\n").encode())
+        storage.write_bytes(args.out, (json.dumps(result, indent=2) + "\n").encode())
     print(json.dumps({k: v for k, v in result.items() if k not in ("confusion", "per_class_accuracy")}, indent=2))
     return 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    from raysd.run.preflight import oom_as_error
     from raysd.stages.search import search
 
     for flag, key in (("num_trials", "search.num_trials"), ("scheduler", "search.scheduler"),
@@ -135,7 +154,8 @@ def cmd_search(args: argparse.Namespace) -> int:
             args.set.append(f"{key}={getattr(args, flag)}")
     cfg = config_from_args(args)
     _require_run(cfg, "search")
-    best = search(cfg, args.phase, restart=args.restart).to_json()
+    with oom_as_error(f"search_{args.phase}", cfg):
+        best = search(cfg, args.phase, restart=args.restart).to_json()
     print(json.dumps({k: best[k] for k in ("phase", "num_inference_steps", "guidance_scale", "epoch", "encoder_epoch",
                                            "unet_epoch", "cas", "eval_split", "test_top1", "test_top5",
                                            "num_trials")}, indent=2))
@@ -191,3 +211,44 @@ def cmd_verify(args: argparse.Namespace) -> int:
     rep = verify_run(args.run_path)
     print(report_json(rep) if args.json else format_report(args.run_path, rep))
     return 0 if rep.ok else 1
+
+
+def cmd_pretrain_base(args: argparse.Namespace) -> int:
+    """Pretrain a tiny base without labels (caption-like PCA context) on a dataset's train split."""
+    import dataclasses
+    import logging
+    import shutil
+    from pathlib import Path
+
+    import torch
+
+    from raysd.core.models.diffusion import NoiseSchedule
+    from raysd.core.pretraining import PretrainSettings, pretrain_tiny_base
+    from raysd.data.models import BASE_META, save_base_model
+    from raysd.data.sources import load_dataset
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not (out / BASE_META).is_file():
+        raise RaysdError(f"pretrain-base: {out} exists and is not a raysd base directory; choose another --out")
+    ds = load_dataset(args.dataset, args.data_dir, download=False)
+    train = ds.splits["train"]  # the train split only: never val or test
+    settings = PretrainSettings(steps=args.steps, seed=args.seed, threads=args.threads)
+    log = logging.getLogger("raysd")
+    base, losses = pretrain_tiny_base(train.images, settings, progress=lambda step, loss: log.info(
+        "pretrain-base: step %d/%d, loss %.4f", step, settings.steps, loss))
+    provenance = {"command": f"raysd pretrain-base --dataset {args.dataset} --steps {args.steps} --seed {args.seed} "
+                             f"--threads {args.threads}", "settings": dataclasses.asdict(settings),
+                  "data": {"dataset": args.dataset, "split": "train", "num_images": int(len(train.labels)),
+                           "fingerprint": ds.fingerprint(), "split_rule": ds.provenance.get("split_rule")},
+                  "losses": [round(x, 6) for x in losses], "torch": torch.__version__}
+    tmp = out.with_name(out.name + ".tmp-pretrain")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_base_model(base, tmp, NoiseSchedule(), weights_dtype=torch.float16, extra={
+        "pretrained_by": "raysd pretrain-base: no labels, a caption-like context (fixed random projection of each "
+                         "image's PCA coefficients)", "provenance": provenance})
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    weights = json.loads((out / BASE_META).read_text())["files"]["unet/diffusion_pytorch_model.safetensors"]
+    print(f"{out}: tiny base pretrained for {args.steps} steps (final loss {losses[-1]:.4f}); weights SHA-256 "
+          f"{weights}")
+    return 0
