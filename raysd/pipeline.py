@@ -25,7 +25,9 @@ from raysd.data import checkpoints as ck
 from raysd.data import storage
 from raysd.errors import RaysdError
 from raysd.run.manifest import provenance, read_manifest, write_manifest
+from raysd.run.preflight import oom_as_error, preflight
 from raysd.run.rundir import PIPELINE_STAGES, Run
+from raysd.core.plan import class_counts
 from raysd.run.scores import Score
 
 log = logging.getLogger("raysd")
@@ -121,9 +123,18 @@ def _after_3(run: Run, out: dict, restart: bool) -> dict:
                   encoder_epoch=out["finetune"]["encoder_epoch"], unet_epoch=f)
 
 
+def _scale_counts(run: Run, out: dict) -> dict[str, list[int]]:
+    """{"x1": counts per class, ...}: each x_k's classes, in the real training split's proportions."""
+    cfg, real = run.cfg, out["prepare"]["train"]
+    return {f"x{k}": class_counts(k * real["num_rows"], len(real["counts_per_class"]), cfg.scale.class_balance,
+                                  real["counts_per_class"]) for k in sorted(cfg.scale.scales)}
+
+
 def _generate(run: Run, out: dict, restart: bool) -> dict:
-    """The largest scale once (real class distribution); smaller x_k are its stratified prefixes."""
+    """The largest scale once (real class distribution); smaller x_k are its stratified prefixes,
+    and each x_k's classifier starts as soon as its prefix's shards are written."""
     from raysd.run.generators import resolve_spec
+    from raysd.stages.evaluate import PrefixStarter
     from raysd.stages.generate import generate_set
 
     cfg, b = run.cfg, out["search_2"]["best"]
@@ -132,8 +143,11 @@ def _generate(run: Run, out: dict, restart: bool) -> dict:
     spec = resolve_spec(run, num_inference_steps=b["num_inference_steps"], guidance_scale=b["guidance_scale"],
                         encoder_epoch=b["encoder_epoch"], unet_epoch=b["unet_epoch"], best={})
     set_dir = run.synthetic_dir(f"x{k}")
+    counts = _scale_counts(run, out)
+    early = PrefixStarter(run, set_dir, list(counts.values()))
     t0 = time.perf_counter()
-    meta = generate_set(cfg, set_dir, num_images=n, class_balance=cfg.scale.class_balance, spec=spec, restart=restart)
+    meta = generate_set(cfg, set_dir, num_images=n, class_balance=cfg.scale.class_balance, spec=spec, restart=restart,
+                        on_shards=early)
     seconds = time.perf_counter() - t0
     return {"set": set_dir, "scale": k, "num_images": meta["num_rows"], "fingerprint": meta["provenance"]["fingerprint"],
             "params": {"num_inference_steps": spec.num_inference_steps, "guidance_scale": spec.guidance_scale,
@@ -142,19 +156,13 @@ def _generate(run: Run, out: dict, restart: bool) -> dict:
 
 
 def _scaling(run: Run, out: dict, restart: bool) -> dict:
-    from raysd.core.plan import class_counts
-    from raysd.stages.evaluate import cas_of_sets
+    """Table 2: the real training split and every x_k (its classifier perhaps started while generating)."""
+    from raysd.stages.evaluate import Scorer, scaling_slices
 
-    cfg, real = run.cfg, out["prepare"]["train"]
-    jobs: list[tuple[str, list[int] | None]] = [(run.split_dir("train"), None)]
-    names = ["real"]
-    for k in sorted(cfg.scale.scales):
-        jobs.append((out["generate"]["set"], class_counts(k * real["num_rows"], len(real["counts_per_class"]),
-                                                          cfg.scale.class_balance, real["counts_per_class"])))
-        names.append(f"x{k}")
-    order = sorted(range(len(jobs)), key=lambda i: -(sum(jobs[i][1]) if jobs[i][1] else real["num_rows"]))
-    done = cas_of_sets(cfg, [jobs[i] for i in order])  # largest first: the long ones start at once
-    return {names[i]: done[order.index(i)].scale_json() for i in range(len(jobs))}
+    counts = _scale_counts(run, out)
+    pieces = scaling_slices(run, out["generate"]["set"], list(counts.values()))
+    scores = Scorer(run.cfg, len(pieces)).collect(pieces)
+    return {name: score.scale_json() for name, score in zip(["real", *counts], scores)}
 
 
 def _report(run: Run, out: dict, restart: bool) -> dict:
@@ -222,10 +230,12 @@ def run(config: Config, *, until: str | None = None) -> dict[str, Any]:
     cfg = absolutize_paths(copy.deepcopy(config))  # Ray's workers do not share this working directory
     if until is not None and until not in STAGE_NAMES:
         raise RaysdError(f"run: --until must be one of {STAGE_NAMES}; got {until!r}")
-    ensure_ray()
+    storage.configure_endpoint(cfg.storage_endpoint)
     the_run = Run(cfg)
+    preflight(cfg, prepared=the_run.is_prepared())  # before any Ray work: base, data, run dir, disk, GPU
+    ensure_ray()
     the_run.save_config()
-    with RunLock(cfg.run_dir):
+    with RunLock(cfg.run_dir, cfg.resources.lock_expiry_seconds):
         manifest = read_manifest(cfg.run_dir)
         manifest["provenance"] = provenance(cfg)
         outputs: dict[str, Any] = {}
@@ -255,7 +265,8 @@ def _run_stage(run: Run, stage: Stage, manifest: dict[str, Any], outputs: dict[s
     manifest["stages"][stage.name] = {"status": "running", "key": key, "started_at": time.time()}
     write_manifest(run.root, manifest)
     t0 = time.perf_counter()
-    result = stage.run(run, outputs, restart)
+    with oom_as_error(stage.name, run.cfg):
+        result = stage.run(run, outputs, restart)
     seconds = time.perf_counter() - t0
     manifest["stages"][stage.name] = {"status": "complete", "key": key, "outputs": result, "seconds": seconds,
                                       "finished_at": time.time()}

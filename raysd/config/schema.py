@@ -90,7 +90,14 @@ class ModelConfig:
     beta_start: float = setting(0.00085, "scaled_linear noise schedule start", gt=0, lt=1)
     beta_end: float = setting(0.012, "scaled_linear noise schedule end", gt="model.beta_start", lt=1)
     num_train_timesteps: int = setting(1000, "diffusion training timesteps T", ge=2)
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = setting("auto", "auto: bf16 on GPU, fp32 on CPU")
+    prediction_type: Literal["epsilon", "v_prediction"] = setting("epsilon", "what the UNet predicts (SD 2-base: "
+                                                                   "epsilon; SD 2's 768 px models: v_prediction); "
+                                                                   "checked against the base's scheduler config")
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = setting("auto", "auto: bf16 autocast on GPU, fp32 on CPU "
+                                                                 "(training, generation, CAS); fp32: the released "
+                                                                 "numerics")
+    frozen_dtype: Literal["fp32", "bf16"] = setting("fp32", "weights of the frozen UNet in step 1 on CUDA (bf16 "
+                                                    "halves them)")
     tiny_decoder: str | None = setting(None, "AutoencoderTiny (TAESD) hub id or directory decoding instead of the VAE; "
                                        "CAS effect unmeasured")
     pretrain_steps: int = setting(0, "unconditional pretraining steps of a randomly initialised base (demo only; "
@@ -112,6 +119,10 @@ class TrainStepConfig:
                                           ge=1, optional=True)
     checkpoint_dtype: Literal["fp32", "bf16"] = setting("fp32", "dtype of the saved weights (bf16 halves a UNet "
                                                         "checkpoint)")
+    gradient_checkpointing: bool = setting(False, "recompute the UNet's activations in the backward pass (about a "
+                                           "sixth of their memory, roughly a third more time)")
+    optimizer: Literal["adamw", "adamw_8bit"] = setting("adamw", "adamw (fused on CUDA) or adamw_8bit (bitsandbytes, "
+                                                        "CUDA: a quarter of the moments' memory)")
 
 
 def _finetune_defaults() -> TrainStepConfig:
@@ -169,6 +180,8 @@ class SearchConfig:
     max_guidance_scale: float = setting(7.5, "upper bound of UGS in phase 1 (phase 2: 2 UGS*)", ge=0, le=MAX_GUIDANCE)
     reduction_factor: int = setting(3, "HyperBand/ASHA eta", ge=2)
     grace_period: int = setting(1, "ASHA: epochs before a trial may be stopped", ge=1)
+    brackets: int = setting(1, "ASHA brackets; > 1: asynchronous HyperBand (the semantics of Optuna's "
+                            "HyperbandPruner)", ge=1)
     max_concurrent_trials: int | None = setting(None, "None: as many as the resources allow", ge=1, optional=True)
 
 
@@ -189,7 +202,9 @@ class ScaleConfig:
 class ResourcesConfig:
     """Where work runs. ``device="auto"`` uses CUDA when the cluster has GPUs."""
 
-    device: Literal["auto", "cpu", "cuda"] = setting("auto", "auto: CUDA when the cluster has GPUs")
+    device: Literal["auto", "cpu", "cuda"] = setting("auto", "auto: CUDA when the cluster has GPUs at the start "
+                                                     "(said once in the log); cuda: wait for the autoscaler to add "
+                                                     "them; cpu: never")
     num_workers: int = setting(1, "Ray Train workers (data parallel)", ge=1)
     gpus_per_worker: float = setting(1.0, "GPUs per Ray Train worker", ge=0)
     cpus_per_worker: float = setting(1.0, "CPUs per Ray Train worker", ge=0)
@@ -197,10 +212,19 @@ class ResourcesConfig:
                                         optional=True)
     gpus_per_trial: float = setting(1.0, "Ray Tune trial resources; fractional GPUs allowed", ge=0)
     cpus_per_trial: float = setting(1.0, "CPUs per Ray Tune trial", ge=0)
-    generation_actors: int | None = setting(None, "max size of the generation actor pool; None: all GPUs", ge=1,
-                                            optional=True)
+    generation_actors: int | None = setting(None, "max size of the generation actor pool; None: every accelerator the "
+                                            "cluster has or can grow to (resources.max_gpus)", ge=1, optional=True)
+    max_gpus: int | None = setting(None, "accelerators the cluster can grow to (its autoscaler's maximum): sizes the "
+                                   "generation pool and Tune's concurrency; None: those present", ge=1, optional=True)
+    accelerator: str = setting("GPU", "the Ray resource one accelerator is: GPU, or a custom resource (other "
+                               "accelerator types, tests); generation actors always ask for one", check=_nonblank,
+                               text="a Ray resource name")
+    gpu_wait_seconds: float = setting(900.0, "device=cuda: how long a stage waits for the autoscaler to add "
+                                      "accelerators before it fails", gt=0)
     max_failures: int = setting(3, "Ray Train / Tune retries of a failed worker or trial (from its checkpoint)", ge=0)
     shared_storage: bool = setting(False, "a local run_dir is on a filesystem every node mounts at that path")
+    lock_expiry_seconds: float = setting(300.0, "a run lock whose holder's heartbeat is older than this is taken "
+                                         "over from any host (the holder renews it every fifth of this)", gt=0)
 
 
 @dataclass
@@ -211,6 +235,9 @@ class Config:
     seed: int = setting(0, "run seed: data order, per-sample generation seeds, classifier init, searches", ge=0)
     run_dir: str = setting("runs/raysd", "run directory: local path or URI (s3://, gs://) shared by all nodes",
                            check=_nonblank, text="a directory path or URI")
+    storage_endpoint: str | None = setting(None, "endpoint URL of an S3-compatible store for s3:// run directories "
+                                           "(MinIO, Ceph, a test server); sets AWS_ENDPOINT_URL for raysd and "
+                                           "its Ray workers")
     dataset: DatasetConfig = section(DatasetConfig)
     model: ModelConfig = section(ModelConfig)
     encoder: TrainStepConfig = section(TrainStepConfig, "step 1")
