@@ -224,9 +224,13 @@ def cmd_pretrain_base(args: argparse.Namespace) -> int:
 
     from raysd.core.models.diffusion import NoiseSchedule
     from raysd.core.pretraining import PretrainSettings, pretrain_tiny_base
+    from raysd.data import storage
     from raysd.data.models import BASE_META, save_base_model
     from raysd.data.sources import load_dataset
 
+    if storage.is_uri(args.out):
+        raise RaysdError(f"pretrain-base: --out {args.out} must be a local directory (a run can then load it, or "
+                         "copy it to the object store and give its URI as model.base_model)")
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not (out / BASE_META).is_file():
         raise RaysdError(f"pretrain-base: {out} exists and is not a raysd base directory; choose another --out")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,9 @@ def private_ray_env():
     import tempfile
 
     tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's unix sockets live under it
-    env = {**os.environ, "RAY_ADDRESS": "local", "RAY_TMPDIR": tmp}
+    # The `ray` CLI sits beside this interpreter, also when the venv is not activated.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "RAY_ADDRESS": "local", "RAY_TMPDIR": tmp, "PATH": path}
 
     def kill(proc=None):
         if proc is not None:

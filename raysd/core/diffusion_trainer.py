@@ -228,7 +228,7 @@ class DiffusionTrainer:
         t0 = time.perf_counter()
         order = self.epoch_order(epoch)
         c = self.cfg
-        g = torch.Generator().manual_seed(derive_seed(c.seed, c.kind, "steps", epoch, c.rank))
+        g = torch.Generator().manual_seed(derive_seed(c.seed, c.kind, "steps", epoch))  # same on every rank
         b = c.step.global_batch_size
         losses = []
         images = 0

@@ -45,15 +45,16 @@ def pretrain_tiny_base(images: np.ndarray, settings: PretrainSettings,
     mean = uint8_to_model(images, s.resolution)  # pixel space: the "posterior" is the image itself
     data = TrainData(labels=torch.zeros(len(mean), dtype=torch.long), mean=mean, logvar=None,
                      captions=pca_context_projection(mean, s.seq_len, base.cross_attention_dim, s.seed))
-    epochs = -(-s.steps // s.steps_per_epoch)
+    per_epoch = max(d for d in range(1, min(s.steps_per_epoch, s.steps) + 1) if s.steps % d == 0)
+    epochs = s.steps // per_epoch  # exactly s.steps optimizer steps
     step = TrainStepConfig(epochs=epochs, global_batch_size=s.batch_size, lr=s.lr, weight_decay=0.0,
-                           grad_clip_norm=1.0, steps_per_epoch=s.steps_per_epoch)
+                           grad_clip_norm=1.0, steps_per_epoch=per_epoch)
     trainer = DiffusionTrainer(TrainerConfig(kind="pretrain", step=step, schedule=NoiseSchedule(), seed=s.seed),
                                unet=base.unet, encoder=None, data=data, device=torch.device("cpu"))
     losses = []
     for epoch in range(1, epochs + 1):
         losses.append(trainer.run_epoch(epoch)["loss"])
         if progress is not None:
-            progress(epoch * s.steps_per_epoch, losses[-1])
+            progress(epoch * per_epoch, losses[-1])
     base.unet.eval()
     return base, losses

@@ -130,11 +130,14 @@ def _real(run: Run) -> tuple[tuple, tuple, int]:
     return (v.images, v.labels), (t.images, t.labels), v.num_classes
 
 
-def _task(fn: Any, cfg: Config, device: str, parallel: int, num_classes: int, cas: CasConfig) -> tuple[Any, CasJob]:
-    """The remote function with the trial resources, and the job its tasks run."""
+def _task(fn: Any, cfg: Config, device: str, parallel: int, num_classes: int, cas: CasConfig,
+          max_calls: int = 0) -> tuple[Any, CasJob]:
+    """The remote function with the trial resources, and the job its tasks run. ``max_calls=1``
+    makes its worker exit after one call (Ray takes it only at ``ray.remote``, not in ``.options``)."""
     r = cfg.resources
     threads = int(r.cpus_per_trial) if parallel > 1 else (r.torch_threads or max(1, int(r.cpus_per_trial)))
-    task = ray.remote(fn).options(num_cpus=r.cpus_per_trial, num_gpus=r.gpus_per_trial if device == "cuda" else 0)
+    remote = ray.remote(max_calls=max_calls)(fn) if max_calls else ray.remote(fn)
+    task = remote.options(num_cpus=r.cpus_per_trial, num_gpus=r.gpus_per_trial if device == "cuda" else 0)
     return task, CasJob(cas, num_classes, cfg.seed, device, max(1, threads), cfg.model.precision)
 
 
@@ -186,8 +189,8 @@ def cas_of_generator(cfg: Config, spec: GeneratorSpec, num_images: int, balance:
     device = connect(cfg)
     run = Run(cfg)
     val, test, num_classes = _real(run)
-    task, job = _task(_generator_task, cfg, device, 1, num_classes, cfg.cas)
-    task = task.options(max_calls=1)  # the worker exits after it: an SD generator must not stay cached in an idle worker
+    # max_calls=1: the worker exits after it, so an SD generator does not stay cached in an idle worker
+    task, job = _task(_generator_task, cfg, device, 1, num_classes, cfg.cas, max_calls=1)
     res = ray.get(task.remote(job, spec, num_images, balance, run.train_meta["counts_per_class"], val, test,
                               cfg.sampling.batch_size))
     log.info("cas: %d generated images (IS %d, UGS %.3g): top-1 %.4f, top-5 %.4f, %.1f img/s", num_images,

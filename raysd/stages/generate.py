@@ -69,7 +69,7 @@ class ShardGenerator:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         job = self.job
-        node = ray.get_runtime_context().get_node_id()[:8]
+        node = ray.get_runtime_context().get_node_id()
         out: dict[str, list] = {"shard": [], "rows": [], "sha256": [], "seconds": [], "node": []}
         for i, lo, labels, seeds in zip(batch["shard"], batch["lo"], batch["labels"], batch["seeds"]):
             t0 = time.perf_counter()

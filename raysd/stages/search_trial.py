@@ -60,7 +60,7 @@ def search_trial(config: dict[str, Any], ctx: TrialContext) -> None:
             restored = torch.load(os.path.join(d, STATE_FILE), weights_only=True, map_location="cpu")
     miles = set(ctx.milestones)
 
-    node = ray.get_runtime_context().get_node_id()[:8]
+    node = ray.get_runtime_context().get_node_id()
 
     def report(metrics: dict[str, Any], state: dict[str, Any]) -> None:
         maybe_fail(f"trial_epoch_{metrics['epoch']}")  # fault tests: the trial process dies mid-trial

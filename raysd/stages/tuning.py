@@ -14,6 +14,7 @@ intermediate values (its semantics for pruned trials: ranked below completed one
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from typing import Any, Iterator
 
@@ -24,6 +25,8 @@ from ray.tune.search.optuna import OptunaSearch
 from raysd.config import SearchConfig
 from raysd.core.search_space import PARAMS, hyperband_brackets
 from raysd.data import storage
+
+log = logging.getLogger("raysd")
 
 INFORMED_BY = "informed_by"  # config key a suggested trial carries: finished trials the searcher had seen
 
@@ -151,6 +154,7 @@ def run_tuner(trainable: Any, out: str, *, searcher: Any, scheduler: Any, num_sa
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     with one_pending_trial():
         if tune.Tuner.can_restore(exp_path):
+            log.info("resuming the interrupted search in %s", exp_path)
             return tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True).fit()
         tuner = tune.Tuner(
             trainable,
