@@ -26,6 +26,23 @@ def test_digits_standard_resnet_reaches_90_percent(digits):
     assert len(res.per_class_accuracy) == 10 and np.array(res.confusion).sum() == len(digits["test"].labels)
 
 
+def test_image_size_area_resizes_and_still_classifies_digits(digits):
+    """cas.image_size (the demo's 16): every batch is area-resized, i.e. 2x2 means of the 32x32 digits,
+    and the classifier still learns them."""
+    cfg = CasConfig(variant="standard", max_epochs=12, batch_size=128, image_size=16)
+    tr = CasTrainer(digits["train"], digits["val"], 10, cfg=cfg, device="cpu")
+    x = torch.from_numpy(digits["train"].images[:4])
+    got = tr._inputs(x)
+    want = torch.nn.functional.avg_pool2d(x.permute(0, 3, 1, 2).float() / 255.0, 2)
+    assert got.shape == (4, 3, 16, 16)
+    torch.testing.assert_close(got, want)
+    res = train_and_evaluate(digits["train"], digits["val"], digits["test"], 10, cfg=cfg, seed=0, device="cpu")
+    assert res.top1 >= 0.90, res
+    with pytest.raises(RaysdError, match="image_size"):
+        from raysd.config import load_config
+        load_config("demo", overrides={"cas.image_size": 2})
+
+
 def test_callback_can_stop_and_early_stopping_restores_best(digits):
     cfg = CasConfig(variant="standard", max_epochs=50, batch_size=256, early_stopping_patience=2)
     small = (digits["train"].images[:200], digits["train"].labels[:200])

@@ -164,6 +164,9 @@ class CasConfig:
                                            "restored)", ge=1)
     eval_batch_size: int = setting(1024, "batch for val/test evaluation", ge=1)
     compile: bool = setting(False, "torch.compile the classifier (worth it on a GPU for the 100-epoch protocol)")
+    image_size: int | None = setting(None, "None: classify at the dataset's size (the paper); N: area-resize "
+                                     "every image to NxN first (the demo: digits are 8x8 upsampled, 16 loses "
+                                     "nothing and costs a quarter)", ge=4, optional=True)
 
 
 @dataclass

@@ -168,8 +168,13 @@ class CasTrainer:
         return xt.to(self.device), yt.to(self.device)
 
     def _inputs(self, x_uint8: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [0, 1], channels-last (the NHWC layout as is)."""
-        return x_uint8.permute(0, 3, 1, 2).float().div_(255.0)
+        """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [0, 1], channels-last (the NHWC layout as is),
+        area-resized to ``cfg.image_size`` when set."""
+        x = x_uint8.permute(0, 3, 1, 2).float().div_(255.0)
+        size = self.cfg.image_size
+        if size and tuple(x.shape[-2:]) != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="area").contiguous(memory_format=torch.channels_last)
+        return x
 
     def _autocast(self):
         dtype = self.autocast_dtype
