@@ -27,10 +27,14 @@ SHARED_DATA = Path(os.environ.get("RAYSD_SHARED_DATA", REPO.parent / "shared" / 
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray instance for the whole test session (2 CPUs, no dashboard)."""
+def ray_session(tmp_path_factory):
+    """One local Ray instance for the whole test session (2 CPUs, no dashboard). Its workers stage
+    checkpoints under a temp root of their own (``RAYSD_TMPDIR``), so tests can see what is left."""
+    import os
+
     import ray
 
+    os.environ.setdefault("RAYSD_TMPDIR", str(tmp_path_factory.mktemp("worker-tmp")))
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     yield ray
@@ -232,3 +236,18 @@ def s3():
     yield env
     proc.terminate()
     proc.wait()
+
+
+def bytes_under(root: str) -> int:
+    """Bytes of every file below ``root``."""
+    import os
+
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files)
+
+
+def s3_client(env: dict):
+    """A boto3 client for the ``s3`` fixture's server (its credentials are in ``env``, not os.environ)."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"])

@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, free_port, write_medmnist_npz
+from conftest import REPO, free_port, s3_client, write_medmnist_npz
 from raysd import pipeline
 from raysd.config import load_config
 from raysd.run.results import SCHEMA_KEYS
 
 pytestmark = pytest.mark.ray
 
-FAST = {
-    "model.pretrain_steps": 20, "model.pretrain_batch_size": 16, "encoder.epochs": 1, "encoder.steps_per_epoch": 4,
+FAST = {  # the tiny base pretrained in the run (the pretrain stage), not the demo's shipped one
+    "model.base_model": "tiny", "model.pretrain_steps": 20, "model.pretrain_batch_size": 16, "encoder.epochs": 1, "encoder.steps_per_epoch": 4,
     "encoder.global_batch_size": 16, "finetune.epochs": 2, "finetune.steps_per_epoch": 3,
     "finetune.global_batch_size": 16, "sampling.num_inference_steps": 3, "search.num_trials": 2,
     "search.num_images": 24, "search.min_inference_steps": 2, "search.max_inference_steps": 3, "cas.max_epochs": 2,
@@ -100,9 +100,7 @@ def _deterministic(res: dict) -> dict:
 
 
 def _s3_status(env: dict, run: str) -> dict:
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1")
+    client = s3_client(env)
     try:
         body = client.get_object(Bucket="raysd", Key=f"{run}/manifest.json")["Body"].read()
     except Exception:  # noqa: BLE001 - not written yet
@@ -113,26 +111,28 @@ def _s3_status(env: dict, run: str) -> dict:
 def test_demo_on_s3_killed_mid_stage_then_resumed_and_verified(tmp_path, s3, private_ray_env, reference):
     """The whole reduced demo with --out s3://: killed in the middle of fine-tuning, rerun to the
     end with the same results as the undisturbed local run, then `raysd verify` on the bucket."""
-    import boto3
 
     env, kill_cluster = private_ray_env
     env = {**env, **s3}
     cfg = fast_cfg(tmp_path)
     out = "s3://raysd/demo"
     cmd = _raysd_run(cfg, "--out", out)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = open(tmp_path / "first-run.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 900
     while time.time() < deadline and proc.poll() is None and _s3_status(env, "demo").get("finetune") != "running":
         time.sleep(0.5)
     time.sleep(3)  # inside the stage: some epochs written, not all
     before = _s3_status(env, "demo")
     kill_cluster(proc)
-    assert before.get("finetune") == "running" and before.get("search_1") == "complete", before
+    log.close()
+    assert before.get("finetune") == "running" and before.get("search_1") == "complete", (
+        before, (tmp_path / "first-run.log").read_text()[-3000:])
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     for stage in ("prepare", "pretrain", "train_encoder", "after_1", "search_1"):
         assert f"run: {stage} complete, skipped" in r.stderr
-    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1")
+    client = s3_client(env)
     res = json.loads(client.get_object(Bucket="raysd", Key="demo/results.json")["Body"].read())
     assert _deterministic(res) == _deterministic(reference[1])
     keys = [o["Key"] for o in client.list_objects_v2(Bucket="raysd", Prefix="demo/")["Contents"]]

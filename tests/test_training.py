@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from conftest import write_medmnist_npz
+from conftest import bytes_under, write_medmnist_npz
 from raysd.data import checkpoints as ck
 from raysd.run.rundir import Run
 from raysd.config import load_config
@@ -37,7 +37,11 @@ def tiny_cfg(run_dir, npz, **extra):
 
 def test_both_steps_two_workers_change_only_their_module(tmp_path, npz, ray_session):
     cfg = tiny_cfg(tmp_path / "run", npz)
+    worker_tmp = os.environ["RAYSD_TMPDIR"]  # where the workers stage checkpoints (conftest's ray_session)
+    assert ray_session.get(ray_session.remote(lambda: os.environ.get("RAYSD_TMPDIR")).remote()) == worker_tmp
+    before = bytes_under(worker_tmp)
     assert train(cfg, "encoder") == [1, 2]
+    assert bytes_under(worker_tmp) == before  # uploaded, then deleted: nothing of the stage left on the worker
     enc_root = Run(cfg).ckpt_root("encoder")
     state, meta = ck.load_weights(ck.epoch_dir(enc_root, 2))
     assert sorted(state) == ["fc1.bias", "fc1.weight", "fc2.weight"]  # only the Class-Encoder is stored
@@ -50,6 +54,7 @@ def test_both_steps_two_workers_change_only_their_module(tmp_path, npz, ray_sess
     unet_root = Run(cfg).ckpt_root("unet")
     ustate, umeta = ck.load_weights(ck.epoch_dir(unet_root, 2))
     assert umeta["encoder_epoch"] == 1 and "conv_in.weight" in ustate
+    assert bytes_under(worker_tmp) == before
     assert umeta["frozen_digest_start"] == umeta["frozen_digest_end"]  # the encoder did not move
     assert {e: ck.read_meta(ck.epoch_dir(enc_root, e))["files"] for e in (1, 2)} == enc_files
     # the optimizer state lives apart from the registered weights (never edited afterwards), the
