@@ -24,7 +24,8 @@ def test_presets_are_data_and_differ():
     off = C.load_config("official")
     assert off.model.base_model == "CompVis/stable-diffusion-v1-4" and off.model.seq_len == 100
     demo = C.load_config("demo")
-    assert demo.dataset.name == "digits" and demo.model.base_model == "tiny" and demo.preset == "demo"
+    assert demo.dataset.name == "digits" and demo.model.base_model == "builtin:tiny-digits" and demo.preset == "demo"
+    assert demo.model.pretrain_steps == 0 and demo.resources.device == "auto" and demo.cas.image_size == 16
     assert set(C.PRESETS) == {"demo", "paper", "official"}
 
 
@@ -109,4 +110,4 @@ def test_local_paths_become_absolute_for_the_workers(tmp_path, monkeypatch):
     assert cfg.model.base_model == str(tmp_path / "sd")
     hub = C.load_config("paper", overrides={"run_dir": "s3://bucket/run"})
     assert hub.model.base_model == "stabilityai/stable-diffusion-2-base" and hub.run_dir == "s3://bucket/run"
-    assert C.load_config("demo").model.base_model == "tiny"
+    assert C.load_config("demo").model.base_model == "builtin:tiny-digits"
