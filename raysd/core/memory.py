@@ -5,7 +5,8 @@ Training a UNet keeps, per trained parameter, its fp32 weight, gradient and Adam
 (16 bytes; an 8-bit AdamW keeps 2 bytes of moments); a frozen module only its weights (4 bytes,
 2 in bf16); every sample of a batch adds its activations. ``ACTIVATION_BYTES_PER_PARAM_PIXEL``
 was measured on the CPU with the SD2-base architecture at 16x16 latents (128 px) in fp32
-(``benchmarks/memory.py``); bf16 autocast halves it, gradient checkpointing keeps about a sixth.
+(``benchmarks/memory.py``: 5.7e-4 for step 1, 5.9e-4 for step 3); bf16 autocast is taken to halve it
+and gradient checkpointing to keep about a sixth (both unmeasured: no GPU here).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 GB = 1024**3
 # activation bytes per sample = this x UNet parameters x latent pixels (measured: benchmarks/memory.py)
-ACTIVATION_BYTES_PER_PARAM_PIXEL = 1.9e-4
+ACTIVATION_BYTES_PER_PARAM_PIXEL = 5.9e-4
 CHECKPOINTING_KEEPS = 1 / 6
 
 
