@@ -163,7 +163,7 @@ def test_cas_cli_on_real_digits_writes_json(tmp_path, ray_session):
     out = tmp_path / "cas.json"
     r = subprocess.run([sys.executable, "-m", "raysd", "cas", "--train", str(tmp_path / "digits" / "train"),
                         "--dataset", "digits", "--variant", "standard", "--set", "cas.max_epochs=6",
-                        "--set", "cas.batch_size=128", "--out", str(out)], capture_output=True, text=True, timeout=600)
+                        "--set", "cas.batch_size=128", "--set", "cas.image_size=16", "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
     assert res["num_images"] == 1078 and res["epochs_run"] == 6 and res["top1"] > 0.5

@@ -108,6 +108,7 @@ def _s3_status(env: dict, run: str) -> dict:
     return {k: v.get("status") for k, v in json.loads(body)["stages"].items()}
 
 
+@pytest.mark.nightly  # 2-4 min: the whole reduced demo twice against the S3 server
 def test_demo_on_s3_killed_mid_stage_then_resumed_and_verified(tmp_path, s3, private_ray_env, reference):
     """The whole reduced demo with --out s3://: killed in the middle of fine-tuning, rerun to the
     end with the same results as the undisturbed local run, then `raysd verify` on the bucket."""

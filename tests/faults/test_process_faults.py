@@ -126,6 +126,7 @@ def _weights(run_dir, epoch=3):
     return ck.load_weights(str(Path(run_dir) / "checkpoints" / "encoder" / f"epoch_{epoch:03d}"))[0]
 
 
+@pytest.mark.nightly  # 3-5 min: three training runs, two of them killed
 def test_train_worker_or_driver_killed_then_training_matches_an_undisturbed_run(tmp_path, private_ray_env):
     env, kill_cluster = private_ray_env
     npz = write_medmnist_npz(tmp_path / "toy.npz", n=(48, 12, 12), classes=3, size=8)
