@@ -10,6 +10,7 @@ checkout) measures that version's protocol on the same machine, for a before/aft
 from __future__ import annotations
 
 import argparse
+import inspect
 import statistics
 import sys
 import time
@@ -43,15 +44,26 @@ def main() -> None:
     ap.add_argument("--variant", default="paper", choices=["paper", "standard"])
     ap.add_argument("--max-epochs", type=int, default=100)
     ap.add_argument("--label", default="this checkout")
+    ap.add_argument("--precision", default="fp32", help="model.precision of the classifier (default: the released "
+                    "fp32; older checkouts ran fp32 on the CPU and take no such argument)")
     args = ap.parse_args()
     load_dataset, train_and_evaluate, CasConfig = _api()
     ds = load_dataset(args.dataset, args.data_dir, download=False)
     sp = ds.splits
     cfg = CasConfig(variant=args.variant, max_epochs=args.max_epochs)
     rows, accs = [], []
+    n_train = len(sp["train"].labels)
     for seed in args.seeds:
         t0 = time.perf_counter()
-        res = train_and_evaluate(sp["train"], sp["val"], sp["test"], ds.num_classes, cfg=cfg, seed=seed)
+
+        def progress(epoch: int, loss: float, val_top1: float, seed: int = seed, t0: float = t0) -> None:
+            sec = time.perf_counter() - t0
+            print(f"[{args.label}] seed {seed} epoch {epoch}/{args.max_epochs} loss {loss:.4f} val {100 * val_top1:.2f} % "
+                  f"{epoch * n_train / sec:.0f} img/s, {sec:.0f} s", flush=True)
+
+        extra = {"precision": args.precision} if "precision" in inspect.signature(train_and_evaluate).parameters else {}
+        res = train_and_evaluate(sp["train"], sp["val"], sp["test"], ds.num_classes, cfg=cfg, seed=seed,
+                                 callback=progress, **extra)
         accs.append(100 * res.top1)
         rows.append([args.label, seed, f"{100 * res.top1:.2f}", res.best_epoch, res.epochs_run,
                      f"{100 * res.best_val_top1:.2f}", f"{time.perf_counter() - t0:.0f}"])

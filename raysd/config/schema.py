@@ -93,9 +93,10 @@ class ModelConfig:
     prediction_type: Literal["epsilon", "v_prediction"] = setting("epsilon", "what the UNet predicts (SD 2-base: "
                                                                    "epsilon; SD 2's 768 px models: v_prediction); "
                                                                    "checked against the base's scheduler config")
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = setting("auto", "auto: bf16 autocast on GPU, fp32 on CPU "
-                                                                 "(training, generation, CAS); fp32: the released "
-                                                                 "numerics")
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = setting("auto", "auto/bf16: bf16 on GPU; on a CPU with "
+                                                                 "native bf16 (AVX512-BF16, AMX) bf16 generation and "
+                                                                 "CAS, fp32 training; fp32 on other CPUs; fp32: the "
+                                                                 "released numerics")
     frozen_dtype: Literal["fp32", "bf16"] = setting("fp32", "weights of the frozen UNet in step 1 on CUDA (bf16 "
                                                     "halves them)")
     tiny_decoder: str | None = setting(None, "AutoencoderTiny (TAESD) hub id or directory decoding instead of the VAE; "

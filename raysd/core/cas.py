@@ -8,9 +8,10 @@ callbacks count as Keras does: they fire when ``wait >= patience`` (torch's Redu
 fires one epoch later, when ``num_bad_epochs > patience``).
 
 The whole training set lives on the device as uint8 (N, 3, H, W); a batch is an index slice of
-a seeded ``randperm`` (no DataLoader, no per-sample Python). On CUDA: bf16 autocast and
-channels-last (``precision="fp32"`` keeps the released fp32 numerics). :class:`CasTrainer` runs one epoch at a time and has a ``state_dict`` so a Tune
-trial can pause and resume; :func:`train_and_evaluate` is the whole protocol in one call.
+a seeded ``randperm`` (no DataLoader, no per-sample Python). On CUDA and on CPUs with native
+bf16: bf16 autocast (:mod:`raysd.core.precision`; ``precision="fp32"`` keeps the released fp32
+numerics); channels-last. :class:`CasTrainer` runs one epoch at a time and has a
+``state_dict`` so a Tune trial can pause and resume; :func:`train_and_evaluate` is the whole protocol in one call.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from raysd.config import CasConfig
 from raysd.errors import RaysdError
 from raysd.core.models.resnet import resnet20
+from raysd.core.precision import classifier_autocast
 
 
 
@@ -84,13 +86,6 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of ``precision`` on ``device``: auto = bf16 on CUDA; none on the CPU or for fp32."""
-    if device.type != "cuda" or precision == "fp32":
-        return None
-    return torch.float16 if precision == "fp16" else torch.bfloat16
-
-
 @dataclass
 class KerasPlateau:
     """Keras' ReduceLROnPlateau on a maximised metric (min_delta 1e-4, cooldown 0): after
@@ -141,7 +136,7 @@ class CasTrainer:
         self.batch_size = bs
         self.xv, self.yv = self._to_device(xv, yv)
         self.xs, self.ys = self._to_device(*as_arrays(test, "test")) if test is not None else (None, None)
-        self.autocast_dtype = autocast_dtype(precision, self.device)
+        self.autocast_dtype = classifier_autocast(precision, self.device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = resnet20(num_classes, self.cfg.variant)

@@ -16,8 +16,8 @@ import torch
 
 from raysd.core.generator import Generator, GeneratorSpec, apply_fast_paths
 from raysd.core.models.class_encoder import ClassEncoder
-from raysd.core.models.diffusion import (RANDOM, TINY, BaseModel, NoiseSchedule, build_random, build_tiny,
-                                         resolve_dtype)
+from raysd.core.models.diffusion import RANDOM, TINY, BaseModel, NoiseSchedule, build_random, build_tiny
+from raysd.core.precision import weights_dtype
 from raysd.data import checkpoints as ck
 from raysd.data import storage
 from raysd.data.storage import check_member_name, sha256_file
@@ -242,7 +242,7 @@ def load_class_encoder(directory: str) -> ClassEncoder:
 @functools.lru_cache(maxsize=4)
 def _load_models(base: str, resolution: int, encoder_dir: str, unet_dir: str | None, precision: str, seed: int,
                  compile: bool, fuse_qkv: bool, tiny_decoder: str | None, device: str) -> tuple[BaseModel, ClassEncoder]:
-    dtype = resolve_dtype(precision, device)
+    dtype = weights_dtype(precision, device)
     model = load_base_model(base, resolution=resolution, dtype=torch.float32, device="cpu", seed=seed)
     encoder = load_class_encoder(encoder_dir)
     if encoder.dim != model.cross_attention_dim:

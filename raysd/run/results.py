@@ -71,10 +71,11 @@ def build_results(cfg: Config, manifest: dict[str, Any]) -> dict[str, Any]:
     return results
 
 
-NUMERICS = {  # what model.precision means for training, generation and the CAS classifiers
-    "auto": "bf16 autocast on CUDA (fp32 on the CPU); the released code ran fp32 (precision: fp32 reproduces it)",
+NUMERICS = {  # what model.precision means for training, generation and the CAS classifiers (core/precision.py)
+    "auto": "bf16 on CUDA (generation, CAS, training); on a CPU with native bf16 (AVX512-BF16/AMX) bf16 generation "
+            "and CAS, fp32 training; fp32 on other CPUs; the released code ran fp32 (precision: fp32 reproduces it)",
     "fp32": "fp32 everywhere, as the released code",
-    "bf16": "bf16 autocast on CUDA (fp32 on the CPU)",
+    "bf16": "bf16 on CUDA; on a CPU with native bf16 bf16 generation and CAS, fp32 training; fp32 on other CPUs",
     "fp16": "fp16 autocast on CUDA (fp32 on the CPU)",
 }
 

@@ -19,6 +19,7 @@ from raysd.core.diffusion_trainer import DiffusionTrainer, TrainData, TrainerCon
 from raysd.config import Config, TrainStepConfig
 from raysd.core.models.class_encoder import ClassEncoder
 from raysd.core.models.diffusion import NoiseSchedule
+from raysd.core.precision import training_autocast
 from raysd.data import checkpoints as ck
 from raysd.errors import RaysdError
 from raysd.faults import maybe_fail
@@ -60,7 +61,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     tcfg = TrainerConfig(kind=job.kind, step=job.step, schedule=schedule_of(cfg),  # type: ignore[arg-type]
                          scaling_factor=base.scaling_factor, seed=cfg.seed, rank=rank, world=world,
                          label_dropout=cfg.model.label_dropout if cfg.model.null_class else 0.0,
-                         autocast_dtype=_autocast(cfg.model.precision, device))
+                         autocast_dtype=training_autocast(cfg.model.precision, device))
     base.vae = None  # the posteriors are cached: the VAE is not needed while training
     if job.step.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
@@ -77,13 +78,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if epoch == job.step.epochs and rank == 0 and frozen is not None:
             metrics.update(frozen_digest_start=digest_start, frozen_digest_end=ck.module_digest(frozen))
         _report_epoch(trainer, job, epoch, metrics, rank, encoder)
-
-
-def _autocast(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA unless the config asks for fp16 or fp32; none on the CPU."""
-    if device.type != "cuda":
-        return None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "auto": torch.bfloat16}.get(precision)
 
 
 def _load_cache(device: torch.device) -> TrainData:

@@ -192,13 +192,3 @@ def build_random(spec: str, resolution: int, seed: int = 0) -> BaseModel:
         torch.manual_seed(seed)
         unet, vae = UNet2DConditionModel(**cfg), AutoencoderKL(**SD_VAE_CONFIG)
     return BaseModel(unet=unet, vae=vae, resolution=resolution, source=spec)
-
-
-def resolve_dtype(precision: str, device: torch.device | str) -> torch.dtype:
-    """'auto' -> bf16 on CUDA, fp32 elsewhere."""
-    dev = torch.device(device)
-    if precision == "auto":
-        return torch.bfloat16 if dev.type == "cuda" else torch.float32
-    if precision != "fp32" and dev.type != "cuda":
-        return torch.float32  # half precision on the CPU is slow and inexact: keep fp32 there
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
