@@ -26,17 +26,16 @@ EPOCH_OF = {"after_1": "encoder", "after_2": "encoder", "after_3": "unet", "afte
 
 
 def score(run, spec, n: int, seed: int) -> float:
-    from raysd.core.cas import train_and_evaluate
-    from raysd.core.plan import class_counts, make_plan
+    """The CAS one stage would measure for this generator, with another seed (Ray-free)."""
+    from raysd.core.generator import generated_cas
     from raysd.data.models import load_generator
 
     m = run.train_meta
-    plan = make_plan(n, class_counts(n, m["num_classes"], "uniform", m["counts_per_class"]), seed)
-    images = load_generator(spec, "cpu").images(plan.labels, plan.seeds, batch_size=run.cfg.sampling.batch_size)
     v, t = run.read_split("val"), run.read_split("test")
-    res = train_and_evaluate((images, plan.labels), (v.images, v.labels), (t.images, t.labels), m["num_classes"],
-                             cfg=run.cfg.cas, seed=seed, device="cpu")
-    return float(res.top1)
+    result, _ = generated_cas(load_generator(spec, "cpu"), n, "uniform", m["counts_per_class"], (v.images, v.labels),
+                              (t.images, t.labels), m["num_classes"], cas=run.cfg.cas, seed=seed, device="cpu",
+                              precision=run.cfg.model.precision, batch_size=run.cfg.sampling.batch_size)
+    return float(result.top1)
 
 
 def main() -> None:

@@ -5,14 +5,18 @@ the sampler settings that make its images. Loading it from checkpoints is data I
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from raysd.config import CasConfig
+from raysd.core.cas import CasResult, train_and_evaluate
 from raysd.core.models.class_encoder import ClassEncoder
 from raysd.core.models.diffusion import BaseModel, NoiseSchedule
+from raysd.core.plan import class_counts, make_plan
 from raysd.core.sampling import SamplerParams, generate
 from raysd.errors import RaysdError
 
@@ -74,6 +78,20 @@ class Generator:
 
     def with_spec(self, spec: GeneratorSpec) -> "Generator":
         return Generator(self.base, self.encoder, spec)
+
+
+def generated_cas(gen: Generator, num_images: int, balance: str, real_counts: list[int], val: Any, test: Any,
+                  num_classes: int, *, cas: CasConfig, seed: int, device: str, precision: str,
+                  batch_size: int) -> tuple[CasResult, float]:
+    """CAS of ``num_images`` images the generator draws for the run's plan (``seed``): the classifier
+    trained on them, scored on ``test``; with the seconds generation took."""
+    plan = make_plan(num_images, class_counts(num_images, num_classes, balance, real_counts), seed)
+    t0 = time.perf_counter()
+    images = gen.images(plan.labels, plan.seeds, batch_size=batch_size)
+    seconds = time.perf_counter() - t0
+    result = train_and_evaluate((images, plan.labels), val, test, num_classes, cfg=cas, seed=seed, device=device,
+                                precision=precision)
+    return result, seconds
 
 
 def apply_fast_paths(model: BaseModel, *, compile: bool, fuse_qkv: bool) -> BaseModel:

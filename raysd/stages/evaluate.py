@@ -12,7 +12,6 @@ a shard: on an object store each shard travels once, to the task that uses it.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,8 +21,8 @@ import torch
 
 from raysd.config import CasConfig, Config
 from raysd.core.cas import train_and_evaluate
-from raysd.core.generator import GeneratorSpec
-from raysd.core.plan import class_counts, interleave, make_plan, stratified_prefix
+from raysd.core.generator import GeneratorSpec, generated_cas
+from raysd.core.plan import interleave, stratified_prefix
 from raysd.data import imageset, storage
 from raysd.errors import RaysdError
 from raysd.run.rundir import Run
@@ -115,12 +114,9 @@ def _generator_task(job: CasJob, spec: GeneratorSpec, num_images: int, balance: 
 
     if job.device == "cpu":
         torch.set_num_threads(max(1, job.threads))
-    plan = make_plan(num_images, class_counts(num_images, job.num_classes, balance, real_counts), job.seed)
-    t0 = time.perf_counter()
-    images = load_generator(spec, job.device).images(plan.labels, plan.seeds, batch_size=batch_size)
-    gen = time.perf_counter() - t0
-    result = train_and_evaluate((images, plan.labels), val, test, job.num_classes, cfg=job.cas, seed=job.seed,
-                                device=job.device, precision=job.precision)
+    result, gen = generated_cas(load_generator(spec, job.device), num_images, balance, real_counts, val, test,
+                                job.num_classes, cas=job.cas, seed=job.seed, device=job.device,
+                                precision=job.precision, batch_size=batch_size)
     return Score.of(result, num_images=num_images, generation_seconds=gen,
                     images_per_second=num_images / max(gen, 1e-9), device=job.device)
 
