@@ -5,9 +5,9 @@ One rule for the three kinds of work (DESIGN section 5; the released code ran ev
 - ``fp32``: fp32 everywhere (the released numerics).
 - ``auto`` / ``bf16``: bf16 on CUDA for generation (bf16 weights), the classifier and diffusion
   training (autocast). On a CPU with native bf16 arithmetic (AVX512-BF16 or AMX, as oneDNN
-  reports it) bf16 for generation and the classifier, where it measured 1.8x faster on a 2-core
-  EPYC (``benchmarks/cpu_precision.py``), and fp32 for diffusion training, where it measured no
-  faster. Other CPUs: fp32, since bf16 is emulated there, slower and less exact.
+  reports it) bf16 for generation and the classifier, where it measured 1.8x and 1.25x faster on
+  a 2-core EPYC (``benchmarks/cpu_precision.py``), and fp32 for diffusion training, where it
+  measured 1.07x only. Other CPUs: fp32, since bf16 is emulated there, slower and less exact.
 - ``fp16``: as bf16 but fp16 on CUDA; fp32 on any CPU.
 
 ``RAYSD_CPU_BF16=0`` (or ``1``) overrides the CPU detection, e.g. to compare the two paths.
