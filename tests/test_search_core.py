@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from raysd.config import load_config
 from raysd.core.search_space import (PARAMS, SearchSpace, best_trial, importances, phase1_space, phase2_space,
@@ -93,3 +94,14 @@ def test_the_paper_objective_reports_the_test_accuracy_of_the_best_val_weights()
               report=lambda m, s: reports.append((m, s)))
     for m, state in reports:
         assert m["cas"] == state["best_test"] and m["val_cas"] == state["best_val"]
+
+
+def test_a_reported_state_is_a_snapshot_not_the_live_trainer():
+    """A paused trial's state must not move on with the epochs trained after it was reported."""
+    cfg = load_config("demo", overrides={"cas.max_epochs": 3, "cas.batch_size": 16})
+    states = []
+    run_trial({"num_inference_steps": 7, "guidance_scale": 1.5, "epoch": 2}, images_fn=lambda p: (*_toy(48, 0), 2.0),
+              val_split=_toy(24, 1), num_classes=3, cfg=cfg, device="cpu", report=lambda m, s: states.append(s))
+    first, last = states[0]["model"], states[-1]["model"]
+    assert states[0]["epoch"] == 1 and states[-1]["epoch"] == 3
+    assert any(not torch.equal(first[k], last[k]) for k in first if first[k].is_floating_point())

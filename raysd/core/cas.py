@@ -246,8 +246,10 @@ class CasTrainer:
     # -- pausing and resuming (Ray Tune) -----------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
+        """A snapshot: copies, so a state kept by a caller (a paused trial) is not moved on by later epochs."""
         return {
-            "model": self.model.state_dict(), "opt": self.opt.state_dict(), "plateau": asdict(self.plateau),
+            "model": copy.deepcopy(self.model.state_dict()), "opt": copy.deepcopy(self.opt.state_dict()),
+            "plateau": asdict(self.plateau),
             "best_test": self.best_test,
             "gen": self.gen.get_state(), "epoch": self.epoch, "best_val": self.best_val,
             "best_epoch": self.best_epoch, "wait": self.wait, "best_state": self.best_state,
