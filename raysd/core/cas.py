@@ -11,7 +11,8 @@ The whole training set lives on the device as uint8 (N, 3, H, W); a batch is an 
 a seeded ``randperm`` (no DataLoader, no per-sample Python). On CUDA and on CPUs with native
 bf16: bf16 autocast (:mod:`raysd.core.precision`; ``precision="fp32"`` keeps the released fp32
 numerics); channels-last. :class:`CasTrainer` runs one epoch at a time and has a
-``state_dict`` so a Tune trial can pause and resume; :func:`train_and_evaluate` is the whole protocol in one call.
+``state_dict`` so a Tune trial can pause and resume; :func:`train_and_evaluate` is the whole
+protocol in one call.
 """
 
 from __future__ import annotations
