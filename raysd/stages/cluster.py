@@ -102,7 +102,10 @@ def resolve_device(cfg: Config) -> str:
         device, why = "cpu", (f"resources.device=auto and the cluster has no {r.accelerator} now; on a cluster that "
                               "adds GPU workers on demand set --set resources.device=cuda to wait for them")
     _RESOLVED[key] = device
-    log.info("device: %s (%s)", device, why)
+    from raysd.core.precision import describe  # torch: only once a stage needs a device
+
+    log.info("device: %s (%s); numerics here: %s (model.precision=%s; a worker on another kind of CPU decides "
+             "for itself)", device, why, describe(cfg.model.precision, device), cfg.model.precision)
     return device
 
 
