@@ -102,3 +102,17 @@ def test_corrupt_checkpoint_is_refused_and_ignored(tmp_path, npz, ray_session):
     with pytest.raises(RaysdError, match="not valid JSON"):
         ck.load_weights(ck.epoch_dir(root, 1))
     assert ck.valid_epochs(root) == [] and ck.latest_resumable(root) is None
+
+
+def test_a_latent_base_trains_on_its_cached_vae_posteriors(tmp_path, npz, ray_session):
+    """A VAE base: the cache is written by Ray Data's encoder actor (mean and logvar of every
+    image); the worker reads it straight from the run directory."""
+    from raysd.data import latents
+
+    cfg = tiny_cfg(tmp_path / "run", npz, **{"model.base_model": "tiny-vae", "encoder.epochs": 1,
+                                             "resources.num_workers": 1})
+    assert train(cfg, "encoder") == [1]
+    cache = str(next((tmp_path / "run" / "cache").iterdir()))
+    labels, mean, logvar = latents.read_cache(cache)
+    assert len(labels) == 48 and mean.shape == logvar.shape == (48, 4, 8, 8)
+    assert not (logvar == float("-inf")).any()  # a real posterior, not the pixel-space point mass

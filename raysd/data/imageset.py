@@ -49,15 +49,33 @@ class ImageSet:
         return int(self.meta.get("num_classes", len(self.class_names)))
 
 
-def _tensor_column(name: str, arr: np.ndarray) -> tuple[pa.Field, pa.Array]:
-    """uint8 (N, ...) -> a large_list<uint8> column tagged as Ray's tensor extension."""
-    arr = np.ascontiguousarray(arr, dtype=np.uint8)
+def tensor_column(name: str, arr: np.ndarray, dtype: type = np.uint8) -> tuple[pa.Field, pa.Array]:
+    """(N, ...) -> a large_list column of ``dtype`` tagged as Ray's tensor extension."""
+    arr = np.ascontiguousarray(arr, dtype=dtype)
     n, shape = arr.shape[0], list(arr.shape[1:])
     per = int(np.prod(shape)) if shape else 1
     offsets = pa.array(np.arange(n + 1, dtype=np.int64) * per, type=pa.int64())
-    col = pa.LargeListArray.from_arrays(offsets, pa.array(arr.reshape(-1), type=pa.uint8()))
+    values = pa.array(arr.reshape(-1), type=pa.from_numpy_dtype(arr.dtype))
+    col = pa.LargeListArray.from_arrays(offsets, values)
     meta = {b"ARROW:extension:name": TENSOR_EXT, b"ARROW:extension:metadata": json.dumps(shape).encode()}
-    return pa.field(name, pa.large_list(pa.uint8()), metadata=meta), col
+    return pa.field(name, pa.large_list(values.type), metadata=meta), col
+
+
+def tensor_array(table: pa.Table, name: str) -> np.ndarray:
+    """A tensor column (ours, or Ray Data's ``write_parquet``) as one (N, ...) array, whether or
+    not Ray's extension type is registered in this process (its shape is in the field either way)."""
+    col = table.column(name).combine_chunks()
+    typ = table.schema.field(name).type
+    if isinstance(col, pa.ExtensionArray):
+        shape = tuple(int(d) for d in typ.shape)
+        col = col.storage
+    else:
+        meta = table.schema.field(name).metadata or {}
+        shape = tuple(json.loads(meta.get(b"ARROW:extension:metadata", b"[]")))
+    flat = col.flatten().to_numpy(zero_copy_only=False)
+    if not shape:  # a plain list column: one flat row each
+        shape = (flat.size // table.num_rows,) if table.num_rows else (0,)
+    return flat.reshape((table.num_rows, *shape))
 
 
 def shard_table(sample_ids: np.ndarray, labels: np.ndarray, images: np.ndarray,
@@ -66,7 +84,7 @@ def shard_table(sample_ids: np.ndarray, labels: np.ndarray, images: np.ndarray,
     fields = [pa.field("sample_id", pa.int64()), pa.field("label", pa.int64())]
     cols = [pa.array(np.asarray(sample_ids, np.int64)), pa.array(np.asarray(labels, np.int64))]
     for name, arr in {"image": images, **(extra or {})}.items():
-        f, c = _tensor_column(name, arr)
+        f, c = tensor_column(name, arr)
         fields.append(f)
         cols.append(c)
     return pa.Table.from_arrays(cols, schema=pa.schema(fields))
@@ -150,10 +168,7 @@ def verified_files(set_dir: str, meta: dict[str, Any] | None = None) -> list[str
 
 def table_to_arrays(table: pa.Table, image_shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(sample_ids, labels, images) from a shard table, whatever extension type it reads as."""
-    col = table.column("image").combine_chunks()
-    storage_arr = col.storage if isinstance(col, pa.ExtensionArray) else col
-    flat = storage_arr.flatten().to_numpy(zero_copy_only=False)
-    images = flat.astype(np.uint8, copy=False).reshape((table.num_rows, *image_shape))
+    images = tensor_array(table, "image").astype(np.uint8, copy=False).reshape((table.num_rows, *image_shape))
     sample_ids = table.column("sample_id").to_numpy().astype(np.int64)
     labels = table.column("label").to_numpy().astype(np.int64)
     return sample_ids, labels, images

@@ -175,6 +175,21 @@ def publish_base(local_dir: str, dest: str) -> None:
         storage.write_bytes(storage.join(dest, BASE_META), f.read())
 
 
+def is_pixel_space(spec: str) -> bool:
+    """Whether a base diffuses pixels (no VAE), known without loading it: the ``tiny`` kind, or a
+    diffusers directory (local, builtin or a raysd base on an object store) without ``vae/``.
+    Hub ids are taken as latent (Stable Diffusion); a wrong False only costs a model load."""
+    if spec in TINY or spec in RANDOM:
+        return spec == "tiny"
+    path = resolve_base(spec)
+    if storage.is_uri(path):
+        record = storage.join(path, BASE_META)
+        if not storage.exists(record):
+            return False
+        return not any(n.startswith("vae/") for n in (storage.read_json(record).get("files") or {}))
+    return is_local_model_dir(path) and not (Path(path).expanduser() / "vae" / "config.json").is_file()
+
+
 def base_identity(spec: str) -> str:
     """What a base's content is: the SHA-256 of its raysd record, or the spec of a hub id or builtin model."""
     record = storage.join(resolve_base(spec), BASE_META)

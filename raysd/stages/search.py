@@ -167,7 +167,8 @@ def _summarize(run: Run, phase: int, space: SearchSpace, fixed: dict[str, Any], 
 
 
 def _score_best(run: Run, result, device: str) -> SplitScores:  # noqa: ANN001
-    """Test metrics of the best trial's classifier (its best-epoch weights), in a Ray task."""
+    """Test metrics of the best trial's classifier (its best-epoch weights): on the driver on
+    CPUs, in a Ray task on the accelerator otherwise."""
     import torch
 
     if result.checkpoint is None:
@@ -175,8 +176,11 @@ def _score_best(run: Run, result, device: str) -> SplitScores:  # noqa: ANN001
     with result.checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, STATE_FILE), weights_only=True, map_location="cpu")
     test = run.read_split("test")
+    args = (state, (test.images, test.labels), test.num_classes)
+    kwargs = {"cfg": run.cfg.cas, "device": device, "precision": run.cfg.model.precision}
+    if device == "cpu":  # one forward pass over the test split: a task's cold worker would cost more
+        return score_state(*args, **kwargs)
     r = run.cfg.resources
     task = ray.remote(score_state).options(num_cpus=r.cpus_per_trial,
                                            num_gpus=r.gpus_per_trial if device == "cuda" else 0)
-    return ray.get(task.remote(state, (test.images, test.labels), test.num_classes, cfg=run.cfg.cas, device=device,
-                               precision=run.cfg.model.precision))
+    return ray.get(task.remote(*args, **kwargs))

@@ -1,7 +1,7 @@
 """Stage: diffusion training on Ray Train (step 1 Class-Encoder, step 3 UNet, demo pretraining).
 
 The driver prepares the data, caches the VAE posteriors of the train split once (Ray Data,
-one encoder actor per GPU), then runs a ``TorchTrainer`` whose workers run
+one encoder actor per GPU; for a pixel-space base the resized images, on the driver), then runs a ``TorchTrainer`` whose workers run
 :func:`~raysd.stages.train_worker.train_loop_per_worker` with one ``TrainJob``. After each
 epoch rank 0 writes a checkpoint that Ray persists to ``RUN/checkpoints/KIND/epoch_NNN/``; a
 rerun (or a restarted worker) resumes from the newest complete one.
@@ -9,9 +9,13 @@ rerun (or a restarted worker) resumes from the newest complete one.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import os
 import time
+
+import numpy as np
 
 import ray.data
 import ray.train
@@ -19,10 +23,10 @@ from ray.train import UserCallback
 
 from raysd.config import Config, TrainStepConfig
 from raysd.data import checkpoints as ck
-from raysd.data import imageset, storage
-from raysd.data.models import BASE_META, base_identity
+from raysd.data import imageset, latents, storage
+from raysd.data.models import BASE_META, base_identity, is_pixel_space
 from raysd.errors import RaysdError
-from raysd.run.rundir import Run, claim
+from raysd.run.rundir import CLAIM, Run, claim
 from raysd.stages.cluster import cluster_gpus, connect
 from raysd.stages.prepare import ensure_prepared, write_parquet_set
 from raysd.stages.train_worker import TrainJob, schedule_of, train_loop_per_worker
@@ -31,6 +35,7 @@ log = logging.getLogger("raysd")
 
 KINDS = ("pretrain", "encoder", "unet")
 PRETRAIN_STEPS_PER_EPOCH = 60  # a checkpoint every 60 steps of demo pretraining
+HEALTH_CHECK_INTERVAL_S = "0.5"  # Ray Train's worker poll (its default 2 s; the environment overrides)
 
 
 def step_config(cfg: Config, kind: str) -> TrainStepConfig:
@@ -67,7 +72,7 @@ def train(cfg: Config, kind: str, *, encoder_epoch: int | None = None, restart: 
         log.info("%s: all %d epochs already in %s", kind, step.epochs, root)
         return done
     cache = ensure_latent_cache(run, base, device)
-    _fit(TrainJob(run, kind, base, step, chash, encoder_epoch, device), cache)
+    _fit(TrainJob(run, kind, base, step, chash, encoder_epoch, device, cache))
     done = ck.valid_epochs(root)
     if not done or done[-1] < step.epochs:
         raise RuntimeError(f"{kind}: training ended with epochs {done}, expected {step.epochs}")
@@ -130,21 +135,30 @@ def ensure_latent_cache(run: Run, base: str, device: str) -> str:
         return cache
     claim(cache, key, what="latent cache")
     t0 = time.perf_counter()
-    n_gpu = 1 if device == "cuda" else 0
-    ds = ray.data.read_parquet(imageset.verified_files(run.split_dir("train")))
-    ds = ds.map_batches(
-        PosteriorEncoder, fn_constructor_kwargs={"spec": base, "resolution": cfg.model.resolution, "device": device},
-        batch_size=256, batch_format="numpy", num_gpus=n_gpu, num_cpus=0 if n_gpu else 1,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(cluster_gpus())) if n_gpu else 1))
-
-    def describe(files: dict[str, dict], rows: int) -> dict:
-        if rows != run.num_train:
-            raise RuntimeError(f"latent cache: {rows} rows for {run.num_train} images")
-        return {"format": "raysd.latents/1", "files": files, "num_rows": rows, "base": base}
-
-    write_parquet_set(ds, cache, describe)
+    if is_pixel_space(base):  # the "posterior" is the resized image: no model, no actor to start
+        _pixel_cache(run, base, cache)
+    else:
+        n_gpu = 1 if device == "cuda" else 0
+        ds = ray.data.read_parquet(imageset.verified_files(run.split_dir("train")))
+        ds = ds.map_batches(
+            PosteriorEncoder, fn_constructor_kwargs={"spec": base, "resolution": cfg.model.resolution, "device": device},
+            batch_size=256, batch_format="numpy", num_gpus=n_gpu, num_cpus=0 if n_gpu else 1,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(cluster_gpus())) if n_gpu else 1))
+        write_parquet_set(ds, cache, functools.partial(latents.describe, expected_rows=run.num_train, base=base))
     log.info("latent cache: %d images encoded in %.1fs -> %s", run.num_train, time.perf_counter() - t0, cache)
     return cache
+
+
+def _pixel_cache(run: Run, base: str, cache: str) -> None:
+    import torch
+
+    from raysd.core.imaging import uint8_to_model
+
+    train = run.read_split("train")
+    with torch.inference_mode():
+        mean = np.concatenate([uint8_to_model(train.images[i : i + 1024], run.cfg.model.resolution).numpy()
+                               for i in range(0, len(train), 1024)])
+    latents.write_cache(cache, train.sample_ids, train.labels, mean, None, base=base, keep={CLAIM})
 
 
 class PosteriorEncoder:
@@ -174,16 +188,16 @@ class PosteriorEncoder:
 # The TorchTrainer
 
 
-def _fit(job: TrainJob, cache: str) -> None:
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+def _fit(job: TrainJob) -> None:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     r = job.run.cfg.resources
     use_gpu = job.device == "cuda"
-    ctx = ray.data.DataContext.get_current()
-    bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False  # a dataset keeps the context it was made in
-    cached = ray.data.read_parquet(imageset.verified_files(cache, storage.read_json(storage.join(cache, imageset.META))))
     fs, ckpt_parent = storage.filesystem(job.run.path("checkpoints"))
+    # Ray Train polls its workers every 2 s by default, so each run ended up to 2 s after its
+    # last epoch, and twice more in teardown; a poll is one small call per worker.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", HEALTH_CHECK_INTERVAL_S)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},
@@ -197,17 +211,12 @@ def _fit(job: TrainJob, cache: str) -> None:
             # raysd prints a line per epoch; Ray Train's per-report INFO lines go to its log files only
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
-        # Materialised before the workers take their CPUs: reading then needs no further tasks,
-        # so workers that hold every CPU of a small machine cannot starve their own input.
-        datasets={"train": cached.materialize()},
-        dataset_config=DataConfig(datasets_to_split=[]),  # every worker reads the whole cache
+        # No Ray Dataset: every worker reads the whole cache (TrainJob.cache) itself, straight from
+        # the run's storage, so no dataset actor starts and nothing is materialised on the driver.
     )
     log.info("%s: training %d epoch(s) on %d %s worker(s) -> %s", job.kind, job.step.epochs, r.num_workers, job.device,
              job.run.ckpt_root(job.kind))
-    try:
-        trainer.fit()
-    finally:
-        ctx.enable_progress_bars = bars
+    trainer.fit()
 
 
 class EpochLogger(UserCallback):

@@ -1,6 +1,6 @@
-"""The Ray Train worker of the training stage: read the latent cache into device memory, build the
-models, wrap the trained one with ``prepare_model`` (DDP) and run the Ray-free
-:class:`~raysd.core.diffusion_trainer.DiffusionTrainer` one epoch at a time, reporting a
+"""The Ray Train worker of the training stage: read the latent cache (straight from the run's
+storage) into device memory, build the models, wrap the trained one with ``prepare_model`` (DDP)
+and run the Ray-free :class:`~raysd.core.diffusion_trainer.DiffusionTrainer` one epoch at a time, reporting a
 checkpoint per epoch (rank 0 writes it; Ray persists it under RUN/checkpoints/KIND/epoch_NNN/).
 """
 
@@ -10,7 +10,6 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-import ray.data
 import ray.train
 import ray.train.torch
 import torch
@@ -21,6 +20,7 @@ from raysd.core.models.class_encoder import ClassEncoder
 from raysd.core.models.diffusion import NoiseSchedule
 from raysd.core.precision import training_autocast
 from raysd.data import checkpoints as ck
+from raysd.data import latents
 from raysd.errors import RaysdError
 from raysd.faults import maybe_fail
 from raysd.run.rundir import Run
@@ -37,6 +37,7 @@ class TrainJob:
     config_hash: str  # what the checkpoints were made with (refused on resume when it differs)
     encoder_epoch: int | None  # step 3: the frozen Class-Encoder's epoch
     device: str
+    cache: str  # the latent cache (raysd.data.latents) every worker reads whole
 
 
 def schedule_of(cfg: Config) -> NoiseSchedule:
@@ -52,7 +53,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device() if job.device == "cuda" else torch.device("cpu")
     if device.type == "cpu":
         torch.set_num_threads(cfg.resources.torch_threads or max(1, int(cfg.resources.cpus_per_worker)))
-    data = _load_cache(device)
+    data = _load_cache(job.cache, device)
     base, encoder = _build_models(job, device)
     frozen = base.unet if job.kind == "encoder" else encoder
     digest_start = ck.module_digest(frozen) if frozen is not None and rank == 0 else ""
@@ -80,18 +81,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         _report_epoch(trainer, job, epoch, metrics, rank, encoder)
 
 
-def _load_cache(device: torch.device) -> TrainData:
-    ray.data.DataContext.get_current().enable_progress_bars = False  # bars belong to the driver
-    cols: dict[str, list] = {"sample_id": [], "label": [], "mean": [], "logvar": []}
-    for batch in ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=4096, device="cpu"):
-        for k in cols:
-            if k in batch:
-                cols[k].append(batch[k])
-    order = torch.argsort(torch.cat(cols["sample_id"]))
-    labels = torch.cat(cols["label"])[order].long().to(device)
-    mean = torch.cat(cols["mean"])[order].float().to(device)
-    logvar = torch.cat(cols["logvar"])[order].float().to(device) if cols["logvar"] else None
-    return TrainData(labels=labels, mean=mean, logvar=logvar)
+def _load_cache(cache: str, device: torch.device) -> TrainData:
+    labels, mean, logvar = latents.read_cache(cache)
+    return TrainData(labels=torch.from_numpy(labels).to(device), mean=torch.from_numpy(mean).to(device),
+                     logvar=torch.from_numpy(logvar).to(device) if logvar is not None else None)
 
 
 def _build_models(job: TrainJob, device: torch.device):
