@@ -116,3 +116,15 @@ def test_a_latent_base_trains_on_its_cached_vae_posteriors(tmp_path, npz, ray_se
     labels, mean, logvar = latents.read_cache(cache)
     assert len(labels) == 48 and mean.shape == logvar.shape == (48, 4, 8, 8)
     assert not (logvar == float("-inf")).any()  # a real posterior, not the pixel-space point mass
+
+
+def test_worker_threads_never_oversubscribe_a_node():
+    import os as _os
+
+    from raysd.stages.train_worker import worker_threads
+
+    cores = len(_os.sched_getaffinity(0))
+    assert worker_threads(None, 1.0, 1) == 1  # its CPU reservation
+    assert worker_threads(cores, 1.0, 1) == cores  # torch_threads, when the node has them
+    assert worker_threads(cores, 1.0, 2) == max(1, cores // 2)  # two workers on the node share its cores
+    assert worker_threads(4 * cores, 1.0, 1) == cores and worker_threads(None, 2.0, 4 * cores) == 1

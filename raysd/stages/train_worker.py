@@ -6,6 +6,7 @@ checkpoint per epoch (rank 0 writes it; Ray persists it under RUN/checkpoints/KI
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -52,7 +53,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if job.device == "cuda" else torch.device("cpu")
     if device.type == "cpu":
-        torch.set_num_threads(cfg.resources.torch_threads or max(1, int(cfg.resources.cpus_per_worker)))
+        torch.set_num_threads(worker_threads(cfg.resources.torch_threads, cfg.resources.cpus_per_worker,
+                                             ctx.get_local_world_size()))
     data = _load_cache(job.cache, device)
     base, encoder = _build_models(job, device)
     frozen = base.unet if job.kind == "encoder" else encoder
@@ -79,6 +81,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if epoch == job.step.epochs and rank == 0 and frozen is not None:
             metrics.update(frozen_digest_start=digest_start, frozen_digest_end=ck.module_digest(frozen))
         _report_epoch(trainer, job, epoch, metrics, rank, encoder)
+
+
+def worker_threads(torch_threads: int | None, cpus_per_worker: float, local_workers: int) -> int:
+    """CPU threads of one training worker: ``torch_threads`` (else its CPU reservation), never more
+    than this node's cores shared among the workers on it (more would oversubscribe them)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    want = torch_threads or max(1, int(cpus_per_worker))
+    return max(1, min(want, cores // max(1, local_workers)))
 
 
 def _load_cache(cache: str, device: torch.device) -> TrainData:
