@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import Any
 
 from raysd.errors import RaysdError
@@ -213,27 +214,74 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if rep.ok else 1
 
 
+# The CPU code paths pretrain-base runs on, whatever the CPU: ATen's and oneDNN's kernels capped
+# at AVX2 and MKL's reproducible branch, so that the bytes do not depend on the machine's vector
+# units (unpinned, two machines' builds differed from the first epoch on). They must be set before
+# torch loads: the command re-executes itself with them when its process lacks them.
+PINNED_NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "COMPATIBLE"}
+
+
+def _pretrain_argv(args: argparse.Namespace) -> list[str]:
+    argv = ["pretrain-base", "--out", str(args.out), "--dataset", args.dataset, "--steps", str(args.steps),
+            "--seed", str(args.seed), "--threads", str(args.threads)]
+    return argv + (["--data-dir", str(args.data_dir)] if args.data_dir else [])
+
+
+def _rerun_pinned(args: argparse.Namespace) -> int:
+    """Run this pretrain-base in a child process with PINNED_NUMERICS, relaying its output."""
+    import subprocess
+    import sys
+    import threading
+
+    proc = subprocess.Popen([sys.executable, "-m", "raysd", *_pretrain_argv(args)], text=True,
+                            env={**os.environ, **PINNED_NUMERICS}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def relay(src, dst) -> None:  # noqa: ANN001
+        for line in src:
+            dst.write(line)
+            dst.flush()
+
+    err = threading.Thread(target=relay, args=(proc.stderr, sys.stderr), daemon=True)
+    err.start()
+    relay(proc.stdout, sys.stdout)
+    err.join()
+    return proc.wait()
+
+
+def _check_pretrain_out(path: str):  # noqa: ANN202 - a pathlib.Path
+    from pathlib import Path
+
+    from raysd.data import storage
+    from raysd.data.models import BASE_META
+
+    if storage.is_uri(path):
+        raise RaysdError(f"pretrain-base: --out {path} must be a local directory (a run can then load it, or "
+                         "copy it to the object store and give its URI as model.base_model)")
+    out = Path(path)
+    if out.exists() and any(out.iterdir()) and not (out / BASE_META).is_file():
+        raise RaysdError(f"pretrain-base: {out} exists and is not a raysd base directory; choose another --out")
+    return out
+
+
 def cmd_pretrain_base(args: argparse.Namespace) -> int:
     """Pretrain a tiny base without labels (caption-like PCA context) on a dataset's train split."""
     import dataclasses
     import logging
     import shutil
-    from pathlib import Path
+    import sys
+
+    pinned = "torch" not in sys.modules and all(os.environ.get(k) == v for k, v in PINNED_NUMERICS.items())
+    out = _check_pretrain_out(args.out)  # bad input answered here, before a child starts
+    if not pinned:
+        return _rerun_pinned(args)
 
     import torch
 
     from raysd.core.models.diffusion import NoiseSchedule
     from raysd.core.pretraining import PretrainSettings, pretrain_tiny_base
-    from raysd.data import storage
     from raysd.data.models import BASE_META, save_base_model
     from raysd.data.sources import load_dataset
 
-    if storage.is_uri(args.out):
-        raise RaysdError(f"pretrain-base: --out {args.out} must be a local directory (a run can then load it, or "
-                         "copy it to the object store and give its URI as model.base_model)")
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not (out / BASE_META).is_file():
-        raise RaysdError(f"pretrain-base: {out} exists and is not a raysd base directory; choose another --out")
     ds = load_dataset(args.dataset, args.data_dir, download=False)
     train = ds.splits["train"]  # the train split only: never val or test
     settings = PretrainSettings(steps=args.steps, seed=args.seed, threads=args.threads)
@@ -244,7 +292,8 @@ def cmd_pretrain_base(args: argparse.Namespace) -> int:
                              f"--threads {args.threads}", "settings": dataclasses.asdict(settings),
                   "data": {"dataset": args.dataset, "split": "train", "num_images": int(len(train.labels)),
                            "fingerprint": ds.fingerprint(), "split_rule": ds.provenance.get("split_rule")},
-                  "losses": [round(x, 6) for x in losses], "torch": torch.__version__}
+                  "losses": [round(x, 6) for x in losses], "torch": torch.__version__,
+                  "numerics": {**PINNED_NUMERICS, "cpu_capability": torch.backends.cpu.get_cpu_capability()}}
     tmp = out.with_name(out.name + ".tmp-pretrain")
     shutil.rmtree(tmp, ignore_errors=True)
     save_base_model(base, tmp, NoiseSchedule(), weights_dtype=torch.float16, extra={

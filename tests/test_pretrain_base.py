@@ -11,6 +11,7 @@ import torch
 
 from conftest import REPO
 from raysd.cli import main
+from raysd.commands import PINNED_NUMERICS
 from raysd.data.models import BASE_META, BUILTIN_DIR, load_base_model, resolve_base
 from raysd.data.storage import sha256_file
 from raysd.errors import RaysdError
@@ -30,6 +31,7 @@ def test_shipped_base_matches_its_record_and_loads_as_a_builtin():
     prov = rec["provenance"]
     assert prov["data"]["split"] == "train" and prov["data"]["dataset"] == "digits"
     assert prov["command"].startswith("raysd pretrain-base ") and prov["settings"]["seed"] == 0
+    assert {k: prov["numerics"][k] for k in PINNED_NUMERICS} == PINNED_NUMERICS  # built on the pinned code paths
     assert resolve_base("builtin:tiny-digits") == str(SHIPPED)
     base = load_base_model("builtin:tiny-digits", resolution=16)
     assert base.unet.config.cross_attention_dim and base.vae is None
@@ -47,7 +49,9 @@ def test_pretrain_base_is_deterministic_and_sees_the_train_split_only(tmp_path, 
     assert outs[0]["files"][WEIGHTS] == outs[1]["files"][WEIGHTS]
     assert outs[0]["provenance"]["data"]["num_images"] == 1078  # digits' 60 % train split, not val/test
     assert outs[0]["provenance"]["settings"]["steps"] == 6 and len(outs[0]["provenance"]["losses"]) == 1
-    assert f"weights SHA-256 {outs[0]['files'][WEIGHTS]}" in capsys.readouterr().out
+    assert f"weights SHA-256 {outs[0]['files'][WEIGHTS]}" in capsys.readouterr().out  # the child's lines, relayed
+    # torch was loaded in this process, so each run went to a child with the pinned CPU code paths
+    assert outs[0]["provenance"]["numerics"] == {**PINNED_NUMERICS, "cpu_capability": "AVX2"}
     loaded = load_base_model(str(tmp_path / "a"), resolution=16)
     assert loaded.unet.dtype == torch.float32  # stored fp16, loaded at the asked dtype
     # a different seed gives different bytes (the check above is not vacuous)
