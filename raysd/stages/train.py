@@ -1,7 +1,8 @@
 """Stage: diffusion training on Ray Train (step 1 Class-Encoder, step 3 UNet, demo pretraining).
 
 The driver prepares the data, caches the VAE posteriors of the train split once (Ray Data,
-one encoder actor per GPU; for a pixel-space base the resized images, on the driver), then runs a ``TorchTrainer`` whose workers run
+one encoder actor per GPU; for a pixel-space base the resized images, on the driver), then
+runs a ``TorchTrainer`` whose workers run
 :func:`~raysd.stages.train_worker.train_loop_per_worker` with one ``TrainJob``. After each
 epoch rank 0 writes a checkpoint that Ray persists to ``RUN/checkpoints/KIND/epoch_NNN/``; a
 rerun (or a restarted worker) resumes from the newest complete one.
@@ -141,7 +142,8 @@ def ensure_latent_cache(run: Run, base: str, device: str) -> str:
         n_gpu = 1 if device == "cuda" else 0
         ds = ray.data.read_parquet(imageset.verified_files(run.split_dir("train")))
         ds = ds.map_batches(
-            PosteriorEncoder, fn_constructor_kwargs={"spec": base, "resolution": cfg.model.resolution, "device": device},
+            PosteriorEncoder,
+            fn_constructor_kwargs={"spec": base, "resolution": cfg.model.resolution, "device": device},
             batch_size=256, batch_format="numpy", num_gpus=n_gpu, num_cpus=0 if n_gpu else 1,
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(cluster_gpus())) if n_gpu else 1))
         write_parquet_set(ds, cache, functools.partial(latents.describe, expected_rows=run.num_train, base=base))

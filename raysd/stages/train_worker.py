@@ -1,7 +1,8 @@
 """The Ray Train worker of the training stage: read the latent cache (straight from the run's
 storage) into device memory, build the models, wrap the trained one with ``prepare_model`` (DDP)
-and run the Ray-free :class:`~raysd.core.diffusion_trainer.DiffusionTrainer` one epoch at a time, reporting a
-checkpoint per epoch (rank 0 writes it; Ray persists it under RUN/checkpoints/KIND/epoch_NNN/).
+and run the Ray-free :class:`~raysd.core.diffusion_trainer.DiffusionTrainer` one epoch at a
+time, reporting a checkpoint per epoch (rank 0 writes it; Ray persists it under
+RUN/checkpoints/KIND/epoch_NNN/).
 """
 
 from __future__ import annotations
