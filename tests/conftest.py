@@ -137,6 +137,14 @@ def write_cifar100_layout(root: Path, train_x, train_y, test_x, test_y, names) -
     return folder
 
 
+def flip_bit(path: Path, offset: int | None = None) -> None:
+    """Flip one bit of a file (its middle byte unless ``offset``): damage a SHA-256 must catch."""
+    data = bytearray(path.read_bytes())
+    i = len(data) // 2 if offset is None else offset
+    data[i] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
 def random_images(n: int, size: int = 8, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, random_images
+from conftest import REPO, flip_bit, random_images
 from raysd.data import imageset, latents, storage
 from raysd.data.models import is_pixel_space, save_base_model
 from raysd.errors import RaysdError
@@ -45,10 +45,7 @@ def test_an_interrupted_write_leaves_nothing_behind(tmp_path):
 
 def test_damaged_incomplete_or_foreign_caches_are_refused_by_name(tmp_path):
     _write(tmp_path)
-    shard = tmp_path / "part-00000.parquet"
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    shard.write_bytes(bytes(data))
+    flip_bit(tmp_path / "part-00000.parquet")
     with pytest.raises(RaysdError, match="part-00000.parquet is damaged"):
         latents.read_cache(str(tmp_path))
     os.remove(tmp_path / "meta.json")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny_run
+from conftest import flip_bit, make_tiny_run
 from raysd.data import checkpoints as ck
 from raysd.run.rundir import Run
 from raysd.cli import main
@@ -21,13 +21,6 @@ from raysd.core.models.diffusion import build_tiny
 from raysd.data.models import load_base_model, save_base_model
 
 pytestmark = pytest.mark.ray
-
-
-def flip_bit(path: Path, offset: int | None = None) -> None:
-    data = bytearray(path.read_bytes())
-    i = len(data) // 2 if offset is None else offset
-    data[i] ^= 0x01
-    path.write_bytes(bytes(data))
 
 
 def verify(capsys, run_dir) -> tuple[int, str]:
