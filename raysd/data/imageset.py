@@ -93,11 +93,16 @@ def shard_table(sample_ids: np.ndarray, labels: np.ndarray, images: np.ndarray,
 def write_shard(set_dir: str, name: str, sample_ids: np.ndarray, labels: np.ndarray, images: np.ndarray,
                 extra: dict[str, np.ndarray] | None = None) -> dict:
     """Write one shard atomically; returns its entry for ``meta.json`` (rows, bytes, sha256)."""
+    return write_table(set_dir, name, shard_table(sample_ids, labels, images, extra))
+
+
+def write_table(set_dir: str, name: str, table: pa.Table) -> dict:
+    """Write any Parquet table as one file at once; returns its ``meta.json`` entry."""
     buf = io.BytesIO()
-    pq.write_table(shard_table(sample_ids, labels, images, extra), buf, compression="zstd")
+    pq.write_table(table, buf, compression="zstd")
     data = buf.getvalue()
     storage.write_bytes(storage.join(set_dir, name), data)
-    return {"rows": int(len(labels)), "bytes": len(data), "sha256": storage.sha256_bytes(data)}
+    return {"rows": table.num_rows, "bytes": len(data), "sha256": storage.sha256_bytes(data)}
 
 
 def write_meta(set_dir: str, meta: dict[str, Any]) -> None:

@@ -8,12 +8,10 @@ needs no model for it and :func:`write_cache` writes it directly. Training worke
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from raysd.data import imageset, storage
 from raysd.errors import RaysdError
@@ -45,12 +43,8 @@ def write_cache(cache_dir: str, sample_ids: np.ndarray, labels: np.ndarray, mean
                 f, c = imageset.tensor_column(name, arr[sl], np.float32)
                 fields.append(f)
                 cols.append(c)
-        buf = io.BytesIO()
-        pq.write_table(pa.Table.from_arrays(cols, schema=pa.schema(fields)), buf)
-        data = buf.getvalue()
         name = f"part-{k:05d}.parquet"
-        storage.write_bytes(storage.join(cache_dir, name), data)
-        files[name] = {"rows": len(cols[0]), "sha256": storage.sha256_bytes(data)}
+        files[name] = imageset.write_table(cache_dir, name, pa.Table.from_arrays(cols, schema=pa.schema(fields)))
     storage.write_json(storage.join(cache_dir, imageset.META),
                        describe(files, len(labels), expected_rows=len(labels), base=base))
 
