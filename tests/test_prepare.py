@@ -1,4 +1,5 @@
-"""The prepare stage on a real local Ray cluster: real files in, canonical Parquet out."""
+"""The prepare stage (Ray-free: the driver writes the splits it holds): real files in, canonical
+Parquet out."""
 
 import json
 
@@ -12,10 +13,8 @@ from raysd.data.sources import load_dataset
 from raysd.errors import RaysdError
 from raysd.stages.prepare import prepare_dataset
 
-pytestmark = pytest.mark.ray
 
-
-def test_real_retinamnist(tmp_path, ray_session):
+def test_real_retinamnist(tmp_path):
     data_dir = str(shared_file("retinamnist.npz").parent)
     out = str(tmp_path / "retina")
     metas = prepare_dataset("retinamnist", out, data_dir=data_dir, download=False)
@@ -28,7 +27,7 @@ def test_real_retinamnist(tmp_path, ray_session):
     assert test.meta["provenance"]["sources"]["retinamnist.npz"].startswith("2549")  # README's sha256
 
 
-def test_rerun_is_idempotent_and_other_content_refused(tmp_path, ray_session):
+def test_rerun_is_idempotent_and_other_content_refused(tmp_path):
     p = write_medmnist_npz(tmp_path / "a.npz")
     out = str(tmp_path / "out")
     first = prepare_dataset(f"npz:{p}", out)
@@ -40,7 +39,7 @@ def test_rerun_is_idempotent_and_other_content_refused(tmp_path, ray_session):
         prepare_dataset(f"npz:{q}", out)
 
 
-def test_interrupted_write_is_not_complete_and_is_redone(tmp_path, ray_session):
+def test_interrupted_write_is_not_complete_and_is_redone(tmp_path):
     p = write_medmnist_npz(tmp_path / "a.npz")
     out = tmp_path / "out"
     # what a crash mid-split leaves: the split claimed, a half-written shard, no meta.json
@@ -55,10 +54,25 @@ def test_interrupted_write_is_not_complete_and_is_redone(tmp_path, ray_session):
     assert not (out / "train" / "part-00007-0.parquet").exists()  # the leftover, listed nowhere, is gone
 
 
-def test_foreign_directory_is_refused(tmp_path, ray_session):
+def test_foreign_directory_is_refused(tmp_path):
     p = write_medmnist_npz(tmp_path / "a.npz")
     (tmp_path / "out" / "val").mkdir(parents=True)
     (tmp_path / "out" / "val" / "mine.txt").write_text("user data")
     with pytest.raises(RaysdError, match="exists and is not a raysd prepare directory"):
         prepare_dataset(f"npz:{p}", str(tmp_path / "out"))
     assert (tmp_path / "out" / "val" / "mine.txt").read_text() == "user data"
+
+
+def test_prepare_starts_no_ray(tmp_path):
+    """The splits are in the driver's memory: writing them needs no cluster (one used to cost
+    seconds of Ray Data start-up per run). In a fresh process, since the suite shares one Ray."""
+    import subprocess
+    import sys
+
+    p = write_medmnist_npz(tmp_path / "a.npz")
+    code = ("import sys, ray; from raysd.stages.prepare import prepare_dataset; "
+            f"m = prepare_dataset('npz:{p}', sys.argv[1]); print(ray.is_initialized(), m['val']['num_rows'])")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out")], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["False", "10"]
+    assert sets.read_set(str(tmp_path / "out" / "val")).labels.shape == (10,)
