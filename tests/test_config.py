@@ -29,6 +29,19 @@ def test_presets_are_data_and_differ():
     assert set(C.PRESETS) == {"demo", "paper", "official"}
 
 
+def test_training_workers_of_the_demo():
+    """On CPUs the demo fine-tunes with one-thread data-parallel workers; on GPUs training keeps
+    num_workers (one per GPU)."""
+    demo = C.load_config("demo")
+    r = demo.resources
+    assert [r.train_workers(k, d) for k in ("encoder", "unet") for d in ("cpu", "cuda")] == [1, 1, 2, 1]
+    assert r.torch_threads == 2  # a worker alone on 2 cores takes both (worker_threads splits them)
+    paper = C.load_config("paper", overrides={"resources.num_workers": "4"})
+    assert paper.resources.train_workers("unet", "cpu") == paper.resources.train_workers("unet", "cuda") == 4
+    with pytest.raises(RaysdError, match="cpu_finetune_workers"):
+        C.load_config("demo", overrides={"resources.cpu_finetune_workers": "0"})
+
+
 def test_overrides_are_coerced_from_strings():
     cfg = C.load_config("paper", overrides=C.parse_set_flags(
         ["encoder.epochs=3", "sampling.guidance_scale=2.5", "model.null_class=yes", "scale.scales=1,2,4",

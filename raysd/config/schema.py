@@ -210,6 +210,9 @@ class ResourcesConfig:
                                                      "(said once in the log); cuda: wait for the autoscaler to add "
                                                      "them; cpu: never")
     num_workers: int = setting(1, "Ray Train workers (data parallel)", ge=1)
+    cpu_finetune_workers: int | None = setting(None, "Ray Train workers of step 3 when it trains on CPUs (their "
+                                               "threads share the node's cores); None: num_workers", ge=1,
+                                               optional=True)
     gpus_per_worker: float = setting(1.0, "GPUs per Ray Train worker", ge=0)
     cpus_per_worker: float = setting(1.0, "CPUs per Ray Train worker", ge=0)
     torch_threads: int | None = setting(None, "CPU threads per worker/trial; None: its CPU reservation", ge=1,
@@ -229,6 +232,12 @@ class ResourcesConfig:
     shared_storage: bool = setting(False, "a local run_dir is on a filesystem every node mounts at that path")
     lock_expiry_seconds: float = setting(300.0, "a run lock whose holder's heartbeat is older than this is taken "
                                          "over from any host (the holder renews it every fifth of this)", gt=0)
+
+    def train_workers(self, kind: str, device: str) -> int:
+        """Ray Train's data-parallel workers for training ``kind`` on ``device`` ("cpu" or "cuda")."""
+        if kind == "unet" and device == "cpu" and self.cpu_finetune_workers:
+            return self.cpu_finetune_workers
+        return self.num_workers
 
 
 @dataclass

@@ -172,10 +172,11 @@ def stage_needs(cfg: Config, sizes: dict[str, int] | None = None) -> dict[str, m
     sizes = sizes or model_sizes(cfg)
     side = cfg.model.resolution // (8 if sizes["vae"] else 1)
     bf16 = cfg.resources.device != "cpu" and cfg.model.precision in ("auto", "bf16", "fp16")
-    workers = cfg.resources.num_workers
+    workers = {kind: cfg.resources.train_workers(kind, "cpu" if cfg.resources.device == "cpu" else "cuda")
+               for kind in ("encoder", "unet")}
     return {kind: memory.training_need(
         kind, unet_params=sizes["unet"], encoder_params=sizes["encoder"], latent_side=side,
-        batch=-(-step.global_batch_size // workers), bf16=bf16, checkpointing=step.gradient_checkpointing,
+        batch=-(-step.global_batch_size // workers[kind]), bf16=bf16, checkpointing=step.gradient_checkpointing,
         optimizer=step.optimizer, frozen_bf16=cfg.model.frozen_dtype == "bf16" and cfg.resources.device != "cpu")
         for kind, step in (("encoder", cfg.encoder), ("unet", cfg.finetune))}
 

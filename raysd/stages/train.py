@@ -196,6 +196,7 @@ def _fit(job: TrainJob) -> None:
 
     r = job.run.cfg.resources
     use_gpu = job.device == "cuda"
+    workers = r.train_workers(job.kind, job.device)
     fs, ckpt_parent = storage.filesystem(job.run.path("checkpoints"))
     # Ray Train polls its workers every 2 s by default, so each run ended up to 2 s after its
     # last epoch, and twice more in teardown; a poll is one small call per worker.
@@ -203,7 +204,7 @@ def _fit(job: TrainJob) -> None:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},
-        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=use_gpu, resources_per_worker={
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={
             "CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if use_gpu else {})}),
         run_config=RunConfig(
             name=job.kind, storage_path=ckpt_parent, storage_filesystem=fs,
@@ -216,7 +217,7 @@ def _fit(job: TrainJob) -> None:
         # No Ray Dataset: every worker reads the whole cache (TrainJob.cache) itself, straight from
         # the run's storage, so no dataset actor starts and nothing is materialised on the driver.
     )
-    log.info("%s: training %d epoch(s) on %d %s worker(s) -> %s", job.kind, job.step.epochs, r.num_workers, job.device,
+    log.info("%s: training %d epoch(s) on %d %s worker(s) -> %s", job.kind, job.step.epochs, workers, job.device,
              job.run.ckpt_root(job.kind))
     trainer.fit()
 
