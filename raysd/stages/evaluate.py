@@ -1,5 +1,5 @@
 """Stage: the CAS of Parquet sets and of generators, each classifier in a Ray task (a GPU when the
-cluster has one); several run at once.
+cluster has one); several run at once. A generator's CAS (after_k) on CPUs runs on the driver.
 
 A task reads only the Parquet shards of its :class:`SetSlice` (the x_k of a scaling study needs
 the first k/K of the x_K set, no more), checks each against its SHA-256 as it reads it, puts the
@@ -181,14 +181,22 @@ def cas_of_set(cfg: Config, train_dir: str, **kwargs: Any) -> Score:
 
 
 def cas_of_generator(cfg: Config, spec: GeneratorSpec, num_images: int, balance: str = "uniform") -> Score:
-    """Generate ``num_images`` in memory (no files) and score them: the pipeline's after_k CAS."""
+    """Generate ``num_images`` in memory (no files) and score them: the pipeline's after_k CAS (on
+    the driver on CPUs, in a Ray task on an accelerator)."""
     device = connect(cfg)
     run = Run(cfg)
     val, test, num_classes = _real(run)
     # max_calls=1: the worker exits after it, so an SD generator does not stay cached in an idle worker
     task, job = _task(_generator_task, cfg, device, 1, num_classes, cfg.cas, max_calls=1)
-    res = ray.get(task.remote(job, spec, num_images, balance, run.train_meta["counts_per_class"], val, test,
-                              cfg.sampling.batch_size))
+    args = (job, spec, num_images, balance, run.train_meta["counts_per_class"], val, test, cfg.sampling.batch_size)
+    if device == "cpu":  # nothing else runs meanwhile; a task's fresh worker spent ~5 s importing torch and diffusers
+        threads = torch.get_num_threads()
+        try:
+            res = _generator_task(*args)
+        finally:
+            torch.set_num_threads(threads)  # the task sets the driver's to the job's
+    else:
+        res = ray.get(task.remote(*args))
     log.info("cas: %d generated images (IS %d, UGS %.3g): top-1 %.4f, top-5 %.4f, %.1f img/s", num_images,
              spec.num_inference_steps, spec.guidance_scale, res.top1, res.top5, res.images_per_second)
     return res
