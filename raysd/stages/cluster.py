@@ -17,6 +17,8 @@ from raysd.errors import RaysdError
 
 log = logging.getLogger("raysd")
 
+PREEMPTION_WATCHER_VAR = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
 
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Initialise Ray once per process; connect to a running cluster when there is one."""
@@ -36,8 +38,11 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         # Without a dashboard (it would cost a process and memory here) Ray Train's placement
         # group cleaner cannot reach the State API and warns about it every second; in a cluster
         # that lives and dies with this driver there is nothing for it to clean up.
+        # Nor can a node of it be preempted: Ray Train's preemption watcher (a process per training
+        # stage, importing Ray Train while the workers start) has nothing to watch.
+        env_vars.setdefault(PREEMPTION_WATCHER_VAR, os.environ.get(PREEMPTION_WATCHER_VAR, "0"))
         kwargs["runtime_env"] = {"worker_process_setup_hook": "raysd.stages.cluster.quiet_worker_logs",
-                                 **({"env_vars": env_vars} if env_vars else {})}
+                                 "env_vars": env_vars}
     # Ray's DataContext progress bars print on the driver; keep Ray's own INFO lines out.
     ray.init(logging_level=logging.WARNING, **kwargs)
     log.info("ray: %s", {k: v for k, v in ray.cluster_resources().items() if not k.startswith("node:")})
