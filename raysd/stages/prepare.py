@@ -95,9 +95,11 @@ def _write_split(ds: RealDataset, split: str, target: str, fingerprint: str) -> 
     n = len(sp.labels)
     storage.remove(storage.join(target, imageset.META))
     storage.remove_unlisted(target, keep={CLAIM})
-    files = {f"part-{i // ROWS_PER_FILE:05d}.parquet": imageset.write_shard(
-        target, f"part-{i // ROWS_PER_FILE:05d}.parquet", np.arange(i, min(n, i + ROWS_PER_FILE), dtype=np.int64),
-        sp.labels[i : i + ROWS_PER_FILE], sp.images[i : i + ROWS_PER_FILE]) for i in range(0, n, ROWS_PER_FILE)}
+    files = {}
+    for lo in range(0, n, ROWS_PER_FILE):
+        hi, name = min(n, lo + ROWS_PER_FILE), f"part-{lo // ROWS_PER_FILE:05d}.parquet"
+        files[name] = imageset.write_shard(target, name, np.arange(lo, hi, dtype=np.int64), sp.labels[lo:hi],
+                                           sp.images[lo:hi])
     imageset.write_meta(target, imageset.set_meta(
         dataset=ds.name, split=split, class_names=ds.class_names, labels=sp.labels, image_shape=ds.image_shape,
         files=files, provenance={**ds.provenance, "fingerprint": fingerprint}))
