@@ -29,13 +29,17 @@ def test_presets_are_data_and_differ():
     assert set(C.PRESETS) == {"demo", "paper", "official"}
 
 
-def test_training_workers_of_the_demo():
-    """On CPUs the demo fine-tunes with one-thread data-parallel workers; on GPUs training keeps
-    num_workers (one per GPU)."""
+def test_cpu_processes_of_the_demo():
+    """On CPUs the demo fine-tunes with one-thread data-parallel workers and generates with one-thread
+    actors; on GPUs training keeps num_workers (one per GPU)."""
+    from raysd.stages.generate import cpu_actor_threads
+
     demo = C.load_config("demo")
     r = demo.resources
     assert [r.train_workers(k, d) for k in ("encoder", "unet") for d in ("cpu", "cuda")] == [1, 1, 2, 1]
     assert r.torch_threads == 2  # a worker alone on 2 cores takes both (worker_threads splits them)
+    assert cpu_actor_threads(r.torch_threads, 2, r.cpu_generation_actors) == 1
+    assert cpu_actor_threads(r.torch_threads, 8, r.cpu_generation_actors) == 2
     paper = C.load_config("paper", overrides={"resources.num_workers": "4"})
     assert paper.resources.train_workers("unet", "cpu") == paper.resources.train_workers("unet", "cuda") == 4
     with pytest.raises(RaysdError, match="cpu_finetune_workers"):

@@ -55,10 +55,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "resources.device": "auto",
         "resources.cpus_per_trial": 1.0,
         "resources.torch_threads": 2,  # one process may use both cores; never more than cores / processes
-        # Step 3 on 2 cores: two one-thread data-parallel workers fine-tuned a third more images/s than
-        # one two-thread worker (step 1's short training did not repay a second worker's start-up;
-        # generation keeps one actor, the real data's classifier runs beside it). On a GPU,
-        # resources.num_workers (one per GPU).
+        # On 2 cores two one-thread processes made more images/s than one two-thread process: a third
+        # more in step 3 (data parallel; step 1's short training did not repay a second worker's
+        # start-up), 15-35 % in generation. On a GPU, resources.num_workers (one per GPU).
         "resources.cpu_finetune_workers": 2,
+        "resources.cpu_generation_actors": 2,
     },
 }

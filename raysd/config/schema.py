@@ -219,6 +219,9 @@ class ResourcesConfig:
                                         optional=True)
     gpus_per_trial: float = setting(1.0, "Ray Tune trial resources; fractional GPUs allowed", ge=0)
     cpus_per_trial: float = setting(1.0, "CPUs per Ray Tune trial", ge=0)
+    cpu_generation_actors: int | None = setting(None, "generation actors when generating on CPUs (their threads "
+                                                "share the cluster's cores); None: CPUs // torch_threads", ge=1,
+                                                optional=True)
     generation_actors: int | None = setting(None, "max size of the generation actor pool; None: every accelerator the "
                                             "cluster has or can grow to (resources.max_gpus)", ge=1, optional=True)
     max_gpus: int | None = setting(None, "accelerators the cluster can grow to (its autoscaler's maximum): sizes the "

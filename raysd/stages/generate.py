@@ -15,7 +15,7 @@ import json
 import logging
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -146,15 +146,24 @@ def _actor_pool(cfg: Config, device: str, shards: int) -> tuple[Any, dict[str, A
         res = {"num_gpus": 1.0, "num_cpus": 0.0} if r.accelerator == "GPU" and device == "cuda" else {
             "num_cpus": 1.0 if device == "cpu" else 0.0, "resources": {r.accelerator: 1.0}}
         return ray.data.ActorPoolStrategy(min_size=1, max_size=size), res
-    threads = r.torch_threads or 1
-    size = min(shards, r.generation_actors or max(1, int(ray.cluster_resources().get("CPU", 1)) // threads))
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    size = min(shards, r.generation_actors or r.cpu_generation_actors or max(1, cpus // (r.torch_threads or 1)))
     return ray.data.ActorPoolStrategy(size=size), {"num_cpus": 1.0}
+
+
+def cpu_actor_threads(torch_threads: int | None, cpus: int, actors: int) -> int:
+    """Torch threads of one CPU generation actor: ``torch_threads`` (else 1), never more than the
+    cluster's cores divided by the pool's actors."""
+    return max(1, min(torch_threads or 1, cpus // max(1, actors)))
 
 
 def _run_pipeline(cfg: Config, job: ShardJob, plan: Plan, todo: list[int], shard_size: int,
                   written: dict[int, tuple[str, str, int]], on_shards: ShardsDone | None) -> None:
     """Make the shards of ``todo`` (recording each in ``written`` as it lands)."""
     compute, resources = _actor_pool(cfg, job.device, len(todo))
+    if job.device == "cpu" and cfg.resources.accelerator == "GPU":  # a fixed pool of CPU actors
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        job = replace(job, threads=cpu_actor_threads(cfg.resources.torch_threads, cpus, compute.max_size))
     rows = []
     for i in todo:
         sl = plan.shard(i, shard_size)
