@@ -135,20 +135,20 @@ def _complete_shards(out_dir: str) -> set[int]:
     return {int(m.group(1)) for n in storage.listdir(out_dir) if (m := _SHARD_RE.match(n))}
 
 
-def _actor_pool(cfg: Config, device: str, shards: int) -> tuple[Any, dict[str, Any]]:
-    """(Ray Data compute strategy, per-actor resources). On accelerators the pool starts with one
-    actor and grows to the cluster's capacity as accelerator nodes join (the autoscaler adds them
-    for the pool's pending actors); every actor holds one accelerator, so none runs on a head
-    without one. On CPUs: a fixed pool of CPU actors."""
+def _actor_pool(cfg: Config, device: str, shards: int) -> tuple[Any, dict[str, Any], int]:
+    """(Ray Data compute strategy, per-actor resources, torch threads of a CPU actor). On
+    accelerators the pool starts with one actor and grows to the cluster's capacity as accelerator
+    nodes join (the autoscaler adds them for the pool's pending actors); every actor holds one
+    accelerator, so none runs on a head without one. On CPUs: a fixed pool of CPU actors."""
     r = cfg.resources
     if device == "cuda" or r.accelerator != "GPU":  # a custom accelerator resource is always asked for
         size = min(shards, r.generation_actors or max(1, accelerator_capacity(cfg)))
         res = {"num_gpus": 1.0, "num_cpus": 0.0} if r.accelerator == "GPU" and device == "cuda" else {
             "num_cpus": 1.0 if device == "cpu" else 0.0, "resources": {r.accelerator: 1.0}}
-        return ray.data.ActorPoolStrategy(min_size=1, max_size=size), res
+        return ray.data.ActorPoolStrategy(min_size=1, max_size=size), res, r.torch_threads or 1
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     size = min(shards, r.generation_actors or r.cpu_generation_actors or max(1, cpus // (r.torch_threads or 1)))
-    return ray.data.ActorPoolStrategy(size=size), {"num_cpus": 1.0}
+    return ray.data.ActorPoolStrategy(size=size), {"num_cpus": 1.0}, cpu_actor_threads(r.torch_threads, cpus, size)
 
 
 def cpu_actor_threads(torch_threads: int | None, cpus: int, actors: int) -> int:
@@ -160,10 +160,8 @@ def cpu_actor_threads(torch_threads: int | None, cpus: int, actors: int) -> int:
 def _run_pipeline(cfg: Config, job: ShardJob, plan: Plan, todo: list[int], shard_size: int,
                   written: dict[int, tuple[str, str, int]], on_shards: ShardsDone | None) -> None:
     """Make the shards of ``todo`` (recording each in ``written`` as it lands)."""
-    compute, resources = _actor_pool(cfg, job.device, len(todo))
-    if job.device == "cpu" and cfg.resources.accelerator == "GPU":  # a fixed pool of CPU actors
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        job = replace(job, threads=cpu_actor_threads(cfg.resources.torch_threads, cpus, compute.max_size))
+    compute, resources, threads = _actor_pool(cfg, job.device, len(todo))
+    job = replace(job, threads=threads)
     rows = []
     for i in todo:
         sl = plan.shard(i, shard_size)
