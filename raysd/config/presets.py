@@ -29,7 +29,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "encoder.lr": 1e-2,
         "encoder.steps_per_epoch": 24,
         "finetune.epochs": 3,
-        "finetune.global_batch_size": 64,
+        # 48: a quarter less fine-tuning compute (-14 s) for after_3 86.9 % vs 88.6 % and x2 0.92 of
+        # real vs 0.94 (noise of a 300-image CAS: 0.7-3.2 points)
+        "finetune.global_batch_size": 48,
         "finetune.lr": 2e-3,
         # 150 steps: 180 gave no better CAS (x2 0.92 of real vs 0.94) for 10 s more; 120 fell to 0.91
         "finetune.steps_per_epoch": 50,
