@@ -29,11 +29,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "encoder.lr": 1e-2,
         "encoder.steps_per_epoch": 24,
         "finetune.epochs": 3,
-        # 48: a quarter less fine-tuning compute (-14 s) for after_3 86.9 % vs 88.6 % and x2 0.92 of
-        # real vs 0.94 (noise of a 300-image CAS: 0.7-3.2 points)
+        # 48 instead of 64: a quarter less fine-tuning compute (-14 s); after_3 82.7 % and 86.9 % in two
+        # runs vs 88.6 % (a 300-image CAS moves 0.7-3.2 points between seeds), x2 0.92 of real vs 0.94
         "finetune.global_batch_size": 48,
         "finetune.lr": 2e-3,
-        # 150 steps: 180 gave no better CAS (x2 0.92 of real vs 0.94) for 10 s more; 120 fell to 0.91
+        # 150 steps: at batch 64, 180 gave no better CAS (x2 0.92 of real vs 0.94) for 10 s more, 120
+        # fell to 0.91
         "finetune.steps_per_epoch": 50,
         "sampling.num_inference_steps": 5,
         "sampling.scheduler": "unipc",  # at 4 steps: 88 % CAS where DDIM needs 8 (measured on this model)
