@@ -15,7 +15,7 @@ import json
 import logging
 import re
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -119,10 +119,8 @@ def generate_set(cfg: Config, out_dir: str, *, num_images: int, class_balance: s
              num_images, n_shards, shard_size, out_dir, len(written), len(todo), plan.counts)
     if on_shards is not None:
         on_shards(dict(written))
-    job = ShardJob(spec, out_dir, device, cfg.resources.torch_threads or 1, cfg.sampling.batch_size,
-                   cfg.scale.keep_full_resolution)
     if todo:
-        _run_pipeline(cfg, job, plan, todo, shard_size, written, on_shards)
+        _run_pipeline(cfg, spec, out_dir, device, plan, todo, shard_size, written, on_shards)
     files = {name: {"rows": n, "sha256": sha} for name, sha, n in (written[i] for i in range(n_shards))}
     meta = imageset.set_meta(dataset=run.train_meta["dataset"], split="synthetic", class_names=run.train_meta[
         "class_names"], labels=plan.labels, image_shape=(*spec.out_size, 3), files=files,
@@ -157,11 +155,11 @@ def cpu_actor_threads(torch_threads: int | None, cpus: int, actors: int) -> int:
     return max(1, min(torch_threads or 1, cpus // max(1, actors)))
 
 
-def _run_pipeline(cfg: Config, job: ShardJob, plan: Plan, todo: list[int], shard_size: int,
-                  written: dict[int, tuple[str, str, int]], on_shards: ShardsDone | None) -> None:
+def _run_pipeline(cfg: Config, spec: GeneratorSpec, out_dir: str, device: str, plan: Plan, todo: list[int],
+                  shard_size: int, written: dict[int, tuple[str, str, int]], on_shards: ShardsDone | None) -> None:
     """Make the shards of ``todo`` (recording each in ``written`` as it lands)."""
-    compute, resources, threads = _actor_pool(cfg, job.device, len(todo))
-    job = replace(job, threads=threads)
+    compute, resources, threads = _actor_pool(cfg, device, len(todo))
+    job = ShardJob(spec, out_dir, device, threads, cfg.sampling.batch_size, cfg.scale.keep_full_resolution)
     rows = []
     for i in todo:
         sl = plan.shard(i, shard_size)
