@@ -30,7 +30,7 @@ from raysd.errors import RaysdError
 from raysd.faults import maybe_fail
 from raysd.run.generators import spec_provenance
 from raysd.run.rundir import Run, claim
-from raysd.stages.cluster import accelerator_capacity, connect
+from raysd.stages.cluster import accelerator_capacity, accelerators, connect
 
 log = logging.getLogger("raysd")
 
@@ -135,18 +135,23 @@ def _complete_shards(out_dir: str) -> set[int]:
 
 def _actor_pool(cfg: Config, device: str, shards: int) -> tuple[Any, dict[str, Any], int]:
     """(Ray Data compute strategy, per-actor resources, torch threads of a CPU actor). On
-    accelerators the pool starts with one actor and grows to the cluster's capacity as accelerator
-    nodes join (the autoscaler adds them for the pool's pending actors); every actor holds one
-    accelerator, so none runs on a head without one. On CPUs: a fixed pool of CPU actors."""
+    accelerators the pool starts with an actor per accelerator already in the cluster and grows to
+    the cluster's capacity as accelerator nodes join (the autoscaler adds them for the pool's
+    pending actors); every actor holds one accelerator, so none runs on a head without one. On
+    CPUs: a fixed pool of CPU actors. An actor takes one shard at a time (a shard is minutes of
+    work): a queue of shards on the first actor up would leave later actors idle at the end."""
     r = cfg.resources
     if device == "cuda" or r.accelerator != "GPU":  # a custom accelerator resource is always asked for
         size = min(shards, r.generation_actors or max(1, accelerator_capacity(cfg)))
+        initial = max(1, min(size, int(accelerators(cfg))))  # the accelerators already up start at once
         res = {"num_gpus": 1.0, "num_cpus": 0.0} if r.accelerator == "GPU" and device == "cuda" else {
             "num_cpus": 1.0 if device == "cpu" else 0.0, "resources": {r.accelerator: 1.0}}
-        return ray.data.ActorPoolStrategy(min_size=1, max_size=size), res, r.torch_threads or 1
+        return (ray.data.ActorPoolStrategy(min_size=1, max_size=size, initial_size=initial,
+                                           max_tasks_in_flight_per_actor=1), res, r.torch_threads or 1)
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     size = min(shards, r.generation_actors or r.cpu_generation_actors or max(1, cpus // (r.torch_threads or 1)))
-    return ray.data.ActorPoolStrategy(size=size), {"num_cpus": 1.0}, cpu_actor_threads(r.torch_threads, cpus, size)
+    return (ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1), {"num_cpus": 1.0},
+            cpu_actor_threads(r.torch_threads, cpus, size))
 
 
 def cpu_actor_threads(torch_threads: int | None, cpus: int, actors: int) -> int:
