@@ -192,10 +192,13 @@ def _run_parser(sub) -> None:  # noqa: ANN001
     s = sub.add_parser("run", help="the whole pipeline (default: the offline demo)",
                        description="Run the whole method: prepare, train the Class-Encoder, search, fine-tune the "
                                    "UNet, search again, generate x1..xK, score everything, write the report. A rerun "
-                                   "continues after the last complete stage; changed settings redo only the stages "
-                                   "that depend on them. With no arguments: the offline demo (digits, tiny model, CPU).")
+                                   "continues after the last complete stage; settings that changed what a completed stage "
+                                   "made stop the run (naming them and what would be redone) unless --redo is given, "
+                                   "which redoes only the stages that depend on them. With no arguments: the offline demo (digits, tiny model, CPU).")
     _add_config_flags(s, run_flag="--out")
     s.add_argument("--resume", action="store_true", help="require an existing run in --out and continue it")
+    s.add_argument("--redo", action="store_true", help="redo the stages whose settings changed since they ran "
+                                                       "(without it such a run stops first, naming them)")
     s.add_argument("--until", choices=PIPELINE_STAGES, help="stop after this stage")
     s.set_defaults(func=cmd.cmd_run)
 

@@ -14,6 +14,7 @@ from raysd.errors import RaysdError
 def config_from_args(args: argparse.Namespace) -> Any:
     """Defaults < preset < saved run config < --config < named flags and --set."""
     from raysd import config as C
+    from raysd.config.loading import read_config_file, saved_overrides
     from raysd.data import storage
 
     overrides = C.parse_set_flags(args.set)
@@ -26,9 +27,10 @@ def config_from_args(args: argparse.Namespace) -> Any:
     run_dir = overrides.get("run_dir")
     if run_dir and storage.exists(storage.join(run_dir, "config.json")):
         saved = storage.read_json(storage.join(run_dir, "config.json"))
-    preset = args.preset or (saved or {}).get("preset") or "demo"
-    kept = {k: v for k, v in saved.items() if k != "preset"} if saved and saved.get("preset") == preset else {}
-    cfg = C.load_config(preset, file=args.config, overrides={**C.flatten(kept), **overrides})
+    from_file = C.flatten(read_config_file(args.config)) if args.config else {}
+    preset = args.preset or from_file.pop("preset", None) or (saved or {}).get("preset") or "demo"
+    kept = saved_overrides(saved) if saved and saved.get("preset") == preset else {}
+    cfg = C.load_config(preset, overrides={**kept, **from_file, **overrides})
     storage.configure_endpoint(cfg.storage_endpoint)
     return cfg
 
@@ -173,7 +175,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.resume and not storage.exists(storage.join(args.run_dir, "manifest.json")):
         raise RaysdError(f"run: --resume given but {args.run_dir} holds no run (no manifest.json)")
     cfg = config_from_args(args)
-    results = pipeline.run(cfg, until=args.until)
+    results = pipeline.run(cfg, until=args.until, redo=args.redo)
     if results:
         line = ", ".join(f"{k} {100 * v['top1']:.1f}%" for k, v in results["scaling"].items())
         print(f"CAS top-1 on the real test split: {line}")

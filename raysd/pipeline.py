@@ -4,11 +4,14 @@ prepare -> [pretrain, demo only] -> train_encoder -> after_1 -> search_1 -> fine
 -> search_2 -> generate -> scaling -> report. (after_2 and after_4 are the best trials of the
 searches: the same 4000-image CAS, already measured.)
 
-Each stage has a key: the settings it reads and the upstream outputs it uses. A stage whose
-recorded key matches is skipped; one whose key changed reruns (its own artefacts restarted),
-and so does everything downstream whose key changes with it; nothing else. A stage is marked
-``running`` (with its key) before it starts and ``complete`` after, so a rerun after a crash
-continues where it stopped: the stages themselves resume (checkpoints, shards, Tune trials).
+Each stage has a key: the settings that determine its output (the schema says which,
+:mod:`raysd.config.identity`) and the upstream outputs it uses. A stage whose recorded key
+matches is skipped. One whose key changed is redone (its own artefacts restarted), and so is
+everything downstream whose key changes with it, nothing else; but only when asked (``redo``):
+otherwise the run stops before writing anything, naming the changed settings and the stages,
+with their time, that redoing would discard. A stage is marked ``running`` (with its key and
+settings) before it starts and ``complete`` after, so a rerun after a crash continues where it
+stopped: the stages themselves resume (checkpoints, shards, Tune trials).
 """
 
 from __future__ import annotations
@@ -20,13 +23,14 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from raysd.config import Config, fingerprint
+from raysd.config.identity import changed_settings
 from raysd.config.loading import absolutize_paths
 from raysd.data import checkpoints as ck
 from raysd.data import storage
 from raysd.errors import RaysdError
 from raysd.run.manifest import provenance, read_manifest, write_manifest
 from raysd.run.preflight import oom_as_error, preflight
-from raysd.run.rundir import PIPELINE_STAGES, Run
+from raysd.run.rundir import PIPELINE_STAGES, Run, stage_settings
 from raysd.core.plan import class_counts
 from raysd.run.scores import Score
 
@@ -35,10 +39,21 @@ log = logging.getLogger("raysd")
 
 @dataclass
 class Stage:
+    """A stage: what it runs, the upstream stages whose outputs it uses and which of those outputs
+    make its identity (with the settings the schema says determine it)."""
+
     name: str
-    key: Callable[[Config, dict], Any]  # what the stage depends on (settings + upstream outputs)
     run: Callable[[Run, dict, bool], dict]  # (run, outputs so far, restart) -> this stage's outputs (JSON)
+    uses: tuple[str, ...] = ()
+    inputs: Callable[[dict], dict] = lambda outputs: {}
     enabled: Callable[[Config], bool] = lambda cfg: True
+
+    def identity(self, cfg: Config) -> dict[str, Any]:
+        return stage_settings(cfg, self.name)
+
+    def key(self, cfg: Config, outputs: dict[str, Any]) -> str:
+        """The stage's key: its settings and the upstream outputs it uses."""
+        return fingerprint({"settings": self.identity(cfg), "inputs": self.inputs(outputs)})
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,43 +188,48 @@ def _report(run: Run, out: dict, restart: bool) -> dict:
     return write_report(run.root)
 
 
-def _sec(cfg: Config, *names: str) -> dict:
-    d = cfg.to_dict()
-    return {n: d[n] for n in names}
+def _fp(o: dict) -> dict:
+    return {"data": o["prepare"]["fingerprint"]}
 
 
-def _pretrain_key(cfg: Config, out: dict) -> Any:
-    m = cfg.to_dict()["model"]
-    return [{k: v for k, v in m.items() if k.startswith("pretrain") or k in ("base_model", "resolution", "seq_len")},
-            out["prepare"]["fingerprint"], cfg.seed]
+def _base(o: dict) -> dict:
+    """The base the stage trains or samples from: the run's pretrained one (by its weights' checksum)
+    or the configured one (its ``model.base_model`` identity is among the settings)."""
+    return {"base": o.get("pretrain", {}).get("base_sha256")}
 
 
-def _base_key(cfg: Config, out: dict) -> Any:
-    return out.get("pretrain", {}).get("base_sha256") or cfg.model.base_model
+def _best(o: dict, search: str, *keys: str) -> dict:
+    return {search: {k: o[search]["best"][k] for k in keys}}
 
 
 STAGES: list[Stage] = [
-    Stage("prepare", lambda c, o: [c.dataset.name, c.dataset.data_dir], _prepare),
-    Stage("pretrain", _pretrain_key, _pretrain, enabled=lambda c: c.model.pretrain_steps > 0),
-    Stage("train_encoder", lambda c, o: [_sec(c, "model", "encoder"), o["prepare"]["fingerprint"], _base_key(c, o),
-                                         c.seed], _train_encoder),
-    Stage("after_1", lambda c, o: [_sec(c, "sampling", "cas"), c.search.num_images, o["train_encoder"]["checkpoints"],
-                                   c.seed], _after_1),
-    Stage("search_1", lambda c, o: [_sec(c, "search", "cas"), c.sampling.scheduler, o["train_encoder"]["checkpoints"],
-                                    c.seed], _search(1)),
-    Stage("finetune", lambda c, o: [_sec(c, "model", "encoder", "finetune"), o["search_1"]["best"]["encoder_epoch"],
-                                    o["train_encoder"]["checkpoints"], _base_key(c, o), c.seed], _finetune),
-    Stage("after_3", lambda c, o: [_sec(c, "cas"), c.sampling.scheduler, c.search.num_images,
-                                   {k: o["search_1"]["best"][k] for k in ("num_inference_steps", "guidance_scale")},
-                                   o["finetune"]["checkpoints"], c.seed], _after_3),
-    Stage("search_2", lambda c, o: [_sec(c, "search", "cas"), c.sampling.scheduler, o["search_1"]["best"],
-                                    o["finetune"]["checkpoints"], c.seed], _search(2)),
-    Stage("generate", lambda c, o: [max(c.scale.scales), c.scale.class_balance, c.scale.shard_size,
-                                    c.scale.keep_full_resolution, c.sampling.scheduler, c.sampling.batch_size,
-                                    o["search_2"]["best"], o["finetune"]["checkpoints"], c.seed], _generate),
-    Stage("scaling", lambda c, o: [_sec(c, "cas"), sorted(c.scale.scales), c.scale.class_balance,
-                                   o["generate"]["fingerprint"], o["prepare"]["fingerprint"], c.seed], _scaling),
-    Stage("report", lambda c, o: [fingerprint(o)], _report),
+    Stage("prepare", _prepare),
+    Stage("pretrain", _pretrain, uses=("prepare",), inputs=lambda o: _fp(o),
+          enabled=lambda c: c.model.pretrain_steps > 0),
+    Stage("train_encoder", _train_encoder, uses=("prepare", "pretrain"), inputs=lambda o: {**_fp(o), **_base(o)}),
+    Stage("after_1", _after_1, uses=("prepare", "pretrain", "train_encoder"),
+          inputs=lambda o: {**_fp(o), **_base(o), "encoder": o["train_encoder"]["checkpoints"]}),
+    Stage("search_1", _search(1), uses=("prepare", "pretrain", "train_encoder"),
+          inputs=lambda o: {**_fp(o), **_base(o), "encoder": o["train_encoder"]["checkpoints"]}),
+    Stage("finetune", _finetune, uses=("prepare", "pretrain", "train_encoder", "search_1"),
+          inputs=lambda o: {**_fp(o), **_base(o), **_best(o, "search_1", "encoder_epoch"),
+                            "encoder": o["train_encoder"]["checkpoints"]}),
+    Stage("after_3", _after_3, uses=("prepare", "pretrain", "train_encoder", "search_1", "finetune"),
+          inputs=lambda o: {**_fp(o), **_base(o),
+                            **_best(o, "search_1", "num_inference_steps", "guidance_scale", "encoder_epoch"),
+                            "encoder": o["train_encoder"]["checkpoints"], "unet": o["finetune"]["checkpoints"]}),
+    Stage("search_2", _search(2), uses=("prepare", "pretrain", "train_encoder", "search_1", "finetune"),
+          inputs=lambda o: {**_fp(o), **_base(o),
+                            **_best(o, "search_1", "num_inference_steps", "guidance_scale", "encoder_epoch"),
+                            "encoder": o["train_encoder"]["checkpoints"], "unet": o["finetune"]["checkpoints"]}),
+    Stage("generate", _generate, uses=("prepare", "pretrain", "train_encoder", "finetune", "search_2"),
+          inputs=lambda o: {**_fp(o), **_base(o), **_best(o, "search_2", "num_inference_steps",
+                                                                "guidance_scale", "encoder_epoch", "unet_epoch"),
+                            "encoder": o["train_encoder"]["checkpoints"], "unet": o["finetune"]["checkpoints"]}),
+    Stage("scaling", _scaling, uses=("prepare", "generate"),
+          inputs=lambda o: {**_fp(o), "set": o["generate"]["fingerprint"]}),
+    Stage("report", _report, uses=tuple(n for n in PIPELINE_STAGES if n != "report"),
+          inputs=lambda o: {"outputs": fingerprint(o)}),
 ]
 STAGE_NAMES = [s.name for s in STAGES]
 assert tuple(STAGE_NAMES) == PIPELINE_STAGES, "keep raysd.run.rundir.PIPELINE_STAGES in step with STAGES"
@@ -218,11 +238,15 @@ assert tuple(STAGE_NAMES) == PIPELINE_STAGES, "keep raysd.run.rundir.PIPELINE_ST
 # --------------------------------------------------------------------------------------------
 # The driver
 
+KEY_SCHEME = 2  # manifests written before it (no "key_scheme") hold the keys of raysd.run.legacy
 
-def run(config: Config, *, until: str | None = None) -> dict[str, Any]:
+
+def run(config: Config, *, until: str | None = None, redo: bool = False) -> dict[str, Any]:
     """Run every stage of the method (or up to ``until``); returns results.json's content.
 
-    Resumable: completed stages whose inputs did not change are skipped.
+    Resumable: completed stages whose inputs did not change are skipped. A completed (or started)
+    stage whose settings changed is redone only with ``redo``; without it the run stops before
+    writing anything, naming the settings and the stages (and their time) it would discard.
     """
     from raysd.run.locking import RunLock
     from raysd.stages.cluster import ensure_ray
@@ -232,12 +256,19 @@ def run(config: Config, *, until: str | None = None) -> dict[str, Any]:
         raise RaysdError(f"run: --until must be one of {STAGE_NAMES}; got {until!r}")
     storage.configure_endpoint(cfg.storage_endpoint)
     the_run = Run(cfg)
+    the_run.check_preset()
+    check_changes(the_run, read_manifest(cfg.run_dir), until=until, redo=redo)  # read only: nothing written yet
     preflight(cfg, prepared=the_run.is_prepared())  # before any Ray work: base, data, run dir, disk, GPU
     ensure_ray()
-    the_run.save_config()
     with RunLock(cfg.run_dir, cfg.resources.lock_expiry_seconds):
         manifest = read_manifest(cfg.run_dir)
+        check_changes(the_run, manifest, until=until, redo=redo)  # again, now that no one else can change it
+        the_run.save_config()
         manifest["provenance"] = provenance(cfg)
+        if manifest.get("key_scheme") != KEY_SCHEME:  # records of an earlier raysd, now with current keys
+            manifest["key_scheme"] = KEY_SCHEME
+            if manifest["stages"]:
+                write_manifest(cfg.run_dir, manifest)
         outputs: dict[str, Any] = {}
         for stage in STAGES:
             if not stage.enabled(cfg):
@@ -252,24 +283,102 @@ def run(config: Config, *, until: str | None = None) -> dict[str, Any]:
     return results or {}
 
 
+def _stages_until(cfg: Config, until: str | None) -> list[Stage]:
+    out = []
+    for stage in STAGES:
+        if stage.enabled(cfg):
+            out.append(stage)
+        if stage.name == until:
+            break
+    return out
+
+
+def migrate(run: Run, manifest: dict[str, Any]) -> None:
+    """Give the records of a manifest written before KEY_SCHEME the current keys (in memory).
+
+    A record whose old key is what the old scheme computes for the run's saved config (or the
+    current one) was made with those settings: it gets their key and identity now. One that
+    matches neither keeps its old key and is reported as changed."""
+    if manifest.get("key_scheme", 1) >= KEY_SCHEME or manifest.get("migrated_from_scheme") or not manifest["stages"]:
+        return
+    from raysd.config import config_from_dict
+    from raysd.run import legacy
+
+    candidates = [run.cfg]
+    saved = run.path("config.json")
+    if storage.exists(saved):
+        try:
+            candidates.insert(0, absolutize_paths(config_from_dict(storage.read_json(saved))))
+        except RaysdError:
+            pass
+    outputs: dict[str, Any] = {}
+    for stage in STAGES:
+        rec = manifest["stages"].get(stage.name)
+        if rec is None or not stage.enabled(run.cfg):
+            continue
+        for cfg in candidates:
+            if rec.get("key") == legacy.stage_key(stage.name, cfg, outputs):
+                rec["key"], rec["identity"] = stage.key(cfg, outputs), stage.identity(cfg)
+                break
+        if rec.get("status") == "complete":
+            outputs[stage.name] = rec["outputs"]
+    manifest["migrated_from_scheme"] = 1
+
+
+def check_changes(run: Run, manifest: dict[str, Any], *, until: str | None = None, redo: bool = False) -> list[str]:
+    """The recorded stages (complete or started) that this run would redo because what they depend
+    on changed; raises RaysdError naming them and the settings, unless ``redo``."""
+    migrate(run, manifest)
+    outputs: dict[str, Any] = {}
+    changed: dict[str, list[str]] = {}
+    for stage in _stages_until(run.cfg, until):
+        rec = manifest["stages"].get(stage.name)
+        if rec is None:
+            break
+        upstream = [u for u in stage.uses if u in changed]
+        if upstream:
+            changed[stage.name] = [f"uses {upstream[0]}"]
+        elif rec.get("key") != stage.key(run.cfg, outputs):
+            diff = changed_settings(rec.get("identity") or {}, stage.identity(run.cfg)) if "identity" in rec else []
+            changed[stage.name] = diff or ["settings recorded by an earlier raysd" if "identity" not in rec
+                                           else "its inputs (base model or data) changed"]
+        if rec.get("status") != "complete":
+            break
+        outputs[stage.name] = rec["outputs"]
+    if changed and not redo:
+        settings = sorted({d for ds in changed.values() for d in ds if not d.startswith("uses ")})
+        lost = ", ".join(f"{n} ({_took(manifest['stages'][n])})" for n in changed)
+        raise RaysdError(f"run: {run.root} was made with other settings ({'; '.join(settings)}); rerunning would redo "
+                         f"{lost}: pass --redo to redo them, or use another --out")
+    return list(changed)
+
+
+def _took(rec: dict[str, Any]) -> str:
+    if rec.get("status") != "complete":
+        return "started, partly done"
+    s = float(rec.get("seconds") or 0.0)
+    return f"{s:.0f} s" if s < 120 else (f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h")
+
+
 def _run_stage(run: Run, stage: Stage, manifest: dict[str, Any], outputs: dict[str, Any]) -> None:
-    key = fingerprint(stage.key(run.cfg, outputs))
+    key = stage.key(run.cfg, outputs)
     rec = manifest["stages"].get(stage.name, {})
     if rec.get("status") == "complete" and rec.get("key") == key:
         log.info("run: %s complete, skipped", stage.name)
         outputs[stage.name] = rec["outputs"]
         return
-    restart = bool(rec) and rec.get("key") != key  # its settings or inputs changed: redo, not resume
-    log.info("run: %s %s", stage.name, "rerun (settings or inputs changed)" if restart else
+    restart = bool(rec) and rec.get("key") != key  # its settings or inputs changed (and --redo): redo, not resume
+    log.info("run: %s %s", stage.name, "redone (settings or inputs changed)" if restart else
              ("resumed" if rec else "started"))
-    manifest["stages"][stage.name] = {"status": "running", "key": key, "started_at": time.time()}
+    identity = stage.identity(run.cfg)
+    manifest["stages"][stage.name] = {"status": "running", "key": key, "identity": identity, "started_at": time.time()}
     write_manifest(run.root, manifest)
     t0 = time.perf_counter()
     with oom_as_error(stage.name, run.cfg):
         result = stage.run(run, outputs, restart)
     seconds = time.perf_counter() - t0
-    manifest["stages"][stage.name] = {"status": "complete", "key": key, "outputs": result, "seconds": seconds,
-                                      "finished_at": time.time()}
+    manifest["stages"][stage.name] = {"status": "complete", "key": key, "identity": identity, "outputs": result,
+                                      "seconds": seconds, "finished_at": time.time()}
     write_manifest(run.root, manifest)
     outputs[stage.name] = result
     log.info("run: %s complete in %.1fs", stage.name, seconds)

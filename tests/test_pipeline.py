@@ -13,6 +13,7 @@ import yaml
 from conftest import REPO, free_port, s3_client, write_medmnist_npz
 from raysd import pipeline
 from raysd.config import load_config
+from raysd.errors import RaysdError
 from raysd.run.results import SCHEMA_KEYS
 
 pytestmark = pytest.mark.ray
@@ -69,10 +70,20 @@ def test_demo_pipeline_results_report_and_invalidation(reference):
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["provenance"]["versions"]["ray"] and manifest["provenance"]["config_hash"]
 
-    # a changed setting reruns only the stages that depend on it
+    # operational settings change how work runs, not what it made: every stage is skipped
     before = finished(run)
+    pipeline.run(fast_cfg(run.parent, **{"sampling.batch_size": 100, "cas.eval_batch_size": 64,
+                                         "search.max_concurrent_trials": 1}))
+    assert finished(run) == before
+    # a setting that changes what completed stages made: refused in one line, nothing written
+    stamps = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in run.rglob("*")}
+    with pytest.raises(RaysdError, match=r"\(encoder.lr 0.01 -> 0.02\); rerunning would redo train_encoder \(\d+ s\), "
+                                         r"after_1 .*report \(\d+ s\): pass --redo"):
+        pipeline.run(fast_cfg(run.parent, **{"encoder.lr": 0.02}))
+    assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in run.rglob("*")} == stamps
+    # with --redo, a changed setting reruns only the stages that depend on it
     cfg3 = fast_cfg(run.parent, **{"scale.scales": [1, 2, 3]})
-    res3 = pipeline.run(cfg3)
+    res3 = pipeline.run(cfg3, redo=True)
     after = finished(run)
     rerun = {k for k in after if after[k] != before[k]}
     assert rerun == {"generate", "scaling", "report"}, rerun

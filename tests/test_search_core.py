@@ -61,7 +61,7 @@ def _reports():
         rows = [{"epoch": e, "cas": cas * e / 3, "finished": fin and e == 3, "classifier_seconds": 1.0,
                  "generation_seconds": 2.0, "images_per_second": 10.0} for e in range(1, (3 if fin else 1) + 1)]
         out.append(trial_from_rows(f"t{i}", {"num_inference_steps": steps, "guidance_scale": ugs, "epoch": ep}, rows,
-                                   "full" if fin else "stopped early"))
+                                   "complete" if fin else "pruned"))
     return out
 
 
@@ -82,7 +82,15 @@ def test_rebuilt_study_best_and_importances():
 
 def test_trial_from_rows_marks_partial_trials():
     t = _reports()[2]
-    assert t.epochs_run == 1 and not t.finished and t.status == "stopped early" and t.seconds == 3.0
+    assert t.epochs_run == 1 and not t.finished and t.status == "pruned" and t.seconds == 3.0
+
+
+def test_a_resumed_trials_repeated_report_counts_once():
+    rows = [{"epoch": 1, "cas": 0.2, "finished": False, "classifier_seconds": 1.0},
+            {"epoch": 1, "cas": 0.2, "finished": False, "classifier_seconds": 1.0, "resumed": True},
+            {"epoch": 2, "cas": 0.3, "finished": True, "classifier_seconds": 1.0}]
+    t = trial_from_rows("t", {"num_inference_steps": 5, "guidance_scale": 1.0, "epoch": 1}, rows, "complete")
+    assert t.epochs_run == 2 and t.seconds == 2.0 and t.finished and t.best_cas == 0.3
 
 
 def test_the_paper_objective_reports_the_test_accuracy_of_the_best_val_weights():

@@ -82,8 +82,10 @@ def test_changed_settings_refuse_stale_checkpoints(tmp_path, npz, ray_session):
     cfg = tiny_cfg(tmp_path / "run", npz, **{"encoder.epochs": 1, "resources.num_workers": 1})
     train(cfg, "encoder")
     other = tiny_cfg(tmp_path / "run", npz, **{"encoder.epochs": 1, "encoder.lr": 0.5, "resources.num_workers": 1})
-    with pytest.raises(RaysdError, match="made with other settings"):
+    saved = (tmp_path / "run" / "config.json").read_bytes()
+    with pytest.raises(RaysdError, match=r"made with other settings \(encoder.lr 0.01 -> 0.5\); pass --restart"):
         train(other, "encoder")
+    assert (tmp_path / "run" / "config.json").read_bytes() == saved  # refused before anything was written
     assert train(other, "encoder", restart=True) == [1]
     with pytest.raises(RaysdError, match="--encoder-epoch 7 has no valid checkpoint"):
         train(other, "unet", encoder_epoch=7)

@@ -43,10 +43,19 @@ def load_config(preset: str = "paper", *, file: str | Path | None = None, overri
     return cfg
 
 
-def config_from_dict(saved: dict[str, Any]) -> Config:
-    """A Config from its ``to_dict()`` (a run's config.json), validated."""
-    return load_config(saved.get("preset", "paper"),
-                       overrides={k: v for k, v in flatten(saved).items() if k != "preset"})
+def config_from_dict(saved: dict[str, Any], overrides: dict[str, Any] | None = None) -> Config:
+    """A Config from its ``to_dict()`` (a run's config.json), then ``overrides``; validated.
+
+    A setting the saved config lacks (one added to raysd after the run was made) takes its schema
+    default, which keeps what the raysd that made the run did; not the preset's value, which may
+    choose a new behaviour for new runs."""
+    return load_config(saved.get("preset", "paper"), overrides={**saved_overrides(saved), **(overrides or {})})
+
+
+def saved_overrides(saved: dict[str, Any]) -> dict[str, Any]:
+    """The dotted settings a saved config.json pins: its own values, schema defaults for the rest."""
+    flat = {k: v for k, v in flatten(saved).items() if k != "preset"}
+    return {**{k: v for k, v, _ in all_keys() if k != "preset" and k not in flat}, **flat}
 
 
 def _is_uri(path: str) -> bool:

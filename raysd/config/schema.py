@@ -30,10 +30,37 @@ class Rule:
     text: str | None = None
 
 
-def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Callable[[], Any] | None = None,  # noqa: A002
-            **rule: Any) -> Any:
-    """A config field with its help text and rule (see :class:`Rule`)."""
-    md = {"help": help, "rule": Rule(**rule) if rule else None}
+# What a setting determines (its ``affects``): the pipeline stages whose outputs change with it. A
+# stage's identity (its key in the manifest, the hash its checkpoints, search or set carry) is made
+# of exactly these settings plus the fingerprints of the upstream outputs it uses
+# (:mod:`raysd.config.identity`). ``OPERATIONAL`` settings change how work runs, never what it
+# makes (batch sizes of inference and evaluation, compile, concurrency, resources, paths to the
+# same data): changing one redoes nothing.
+OPERATIONAL: tuple[str, ...] = ()
+TRAINED = "trained"  # in a TrainStepConfig: the stage that section trains (encoder -> train_encoder, ...)
+STAGES = ("prepare", "pretrain", "train_encoder", "after_1", "search_1", "finetune", "after_3", "search_2", "generate",
+          "scaling", "report")
+TRAINING = ("pretrain", "train_encoder", "finetune")
+GENERATION = ("after_1", "search_1", "after_3", "search_2", "generate")  # every stage that makes images
+CAS = ("after_1", "search_1", "after_3", "search_2", "scaling")  # every stage that trains a CAS classifier
+SEARCHES = ("search_1", "search_2")
+MADE = tuple(s for s in STAGES if s not in ("prepare", "report"))  # the seed: every stage after the data
+
+
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, affects: tuple[str, ...] | str,  # noqa: A002
+            factory: Callable[[], Any] | None = None, when: Callable[[Any], bool] | None = None,
+            views: dict[str, Callable[[Any], Any]] | None = None, **rule: Any) -> Any:
+    """A config field with its help text, rule (see :class:`Rule`) and the stages it determines.
+
+    ``affects``: stage names (or ``TRAINED``), ``OPERATIONAL`` for none. ``when(cfg)``: the setting
+    counts only when this holds (e.g. ASHA's settings under ASHA). ``views``: what of the value a
+    stage depends on (e.g. generation only on the largest scale)."""
+    affects = tuple(dict.fromkeys((affects,) if isinstance(affects, str) else affects))
+    unknown = [a for a in affects if a not in STAGES and a != TRAINED]
+    if unknown:
+        raise ValueError(f"setting affects unknown stages {unknown}")
+    md = {"help": help, "rule": Rule(**rule) if rule else None, "affects": affects, "when": when,
+          "views": dict(views or {})}
     if factory is not None:
         return field(default_factory=factory, metadata=md)
     return field(default=default, metadata=md)
@@ -58,6 +85,14 @@ def _nonblank(value: str, cfg: Any) -> bool:
     return bool(value.strip())
 
 
+def _pretraining(cfg: Any) -> bool:
+    return cfg.model.pretrain_steps > 0
+
+
+def _asha(cfg: Any) -> bool:
+    return cfg.search.scheduler == "asha"
+
+
 def _scales_ok(value: list[int], cfg: Any) -> bool:
     return len(value) >= 1 and all(1 <= x <= 1000 for x in value)
 
@@ -68,9 +103,9 @@ class DatasetConfig:
 
     name: str = setting("cifar10", "registered name (cifar10, cifar100, pathmnist, dermamnist, bloodmnist, retinamnist, "
                         "digits), npz:PATH or folder:PATH", check=_dataset_name_ok,
-                        text="a registered dataset, npz:PATH or folder:PATH")
-    data_dir: str | None = setting(None, "where the raw files live (torchvision / medmnist layout)")
-    download: bool = setting(True, "fetch through torchvision / medmnist when absent (needs internet)")
+                        text="a registered dataset, npz:PATH or folder:PATH", affects=("prepare",))
+    data_dir: str | None = setting(None, "where the raw files live (torchvision / medmnist layout)", affects=OPERATIONAL)
+    download: bool = setting(True, "fetch through torchvision / medmnist when absent (needs internet)", affects=OPERATIONAL)
 
 
 @dataclass
@@ -79,51 +114,54 @@ class ModelConfig:
 
     base_model: str = setting("stabilityai/stable-diffusion-2-base", "hub id or local diffusers directory; tiny / "
                               "tiny-vae / random:sd2-base / random:sd-v1 build random models offline",
-                              check=_nonblank, text="a hub id, a directory or 'tiny'")
+                              check=_nonblank, text="a hub id, a directory or 'tiny'", affects=TRAINING + GENERATION)
     seq_len: int = setting(77, "L, the context length the Class-Encoder emits (SD2: 77; released code: 100)",
-                           ge=1, le=1024)
+                           ge=1, le=1024, affects=("pretrain", "train_encoder"))
     resolution: int = setting(128, "px fed to SD: 32/28 px images upsampled to this (16x16 latents)", ge=8, le=1024,
-                              check=lambda v, c: v % 8 == 0, text="a multiple of 8 in [8, 1024]")
-    hidden_dim: int = setting(500, "Class-Encoder's hidden width (paper: 500)", ge=1)
-    null_class: bool = setting(False, "learned null class + label dropout (CFG training, not in the paper)")
-    label_dropout: float = setting(0.1, "probability of the null class while training, when null_class", ge=0, lt=1)
-    beta_start: float = setting(0.00085, "scaled_linear noise schedule start", gt=0, lt=1)
-    beta_end: float = setting(0.012, "scaled_linear noise schedule end", gt="model.beta_start", lt=1)
-    num_train_timesteps: int = setting(1000, "diffusion training timesteps T", ge=2)
+                              check=lambda v, c: v % 8 == 0, text="a multiple of 8 in [8, 1024]", affects=TRAINING + GENERATION)
+    hidden_dim: int = setting(500, "Class-Encoder's hidden width (paper: 500)", ge=1, affects=("train_encoder",))
+    null_class: bool = setting(False, "learned null class + label dropout (CFG training, not in the paper)", affects=("train_encoder", "finetune"))
+    label_dropout: float = setting(0.1, "probability of the null class while training, when null_class", ge=0, lt=1, affects=("train_encoder", "finetune"))
+    beta_start: float = setting(0.00085, "scaled_linear noise schedule start", gt=0, lt=1, affects=TRAINING + GENERATION)
+    beta_end: float = setting(0.012, "scaled_linear noise schedule end", gt="model.beta_start", lt=1, affects=TRAINING + GENERATION)
+    num_train_timesteps: int = setting(1000, "diffusion training timesteps T", ge=2, affects=TRAINING + GENERATION)
     prediction_type: Literal["epsilon", "v_prediction"] = setting("epsilon", "what the UNet predicts (SD 2-base: "
                                                                    "epsilon; SD 2's 768 px models: v_prediction); "
-                                                                   "checked against the base's scheduler config")
+                                                                   "checked against the base's scheduler config", affects=TRAINING + GENERATION)
     precision: Literal["auto", "fp32", "fp16", "bf16"] = setting("auto", "auto/bf16: bf16 on GPU; on a CPU with "
                                                                  "native bf16 (AVX512-BF16, AMX) bf16 generation and "
                                                                  "CAS, fp32 training; fp32 on other CPUs; fp32: the "
-                                                                 "released numerics")
+                                                                 "released numerics", affects=TRAINING + GENERATION + CAS)
     frozen_dtype: Literal["fp32", "bf16"] = setting("fp32", "weights of the frozen UNet in step 1 on CUDA (bf16 "
-                                                    "halves them)")
+                                                    "halves them)", affects=("train_encoder",))
     tiny_decoder: str | None = setting(None, "AutoencoderTiny (TAESD) hub id or directory decoding instead of the VAE; "
-                                       "CAS effect unmeasured")
+                                       "CAS effect unmeasured", affects=GENERATION)
+    # the pretrained base is the base of every later stage: its settings determine them all
     pretrain_steps: int = setting(0, "unconditional pretraining steps of a randomly initialised base (demo only; "
-                                  "0 = use the weights as loaded)", ge=0)
-    pretrain_batch_size: int = setting(64, "batch of that pretraining", ge=1)
-    pretrain_lr: float = setting(1e-3, "learning rate of that pretraining", gt=0)
+                                  "0 = use the weights as loaded)", ge=0, affects=TRAINING + GENERATION)
+    pretrain_batch_size: int = setting(64, "batch of that pretraining", ge=1, affects=TRAINING + GENERATION,
+                                       when=_pretraining)
+    pretrain_lr: float = setting(1e-3, "learning rate of that pretraining", gt=0, affects=TRAINING + GENERATION,
+                                 when=_pretraining)
 
 
 @dataclass
 class TrainStepConfig:
     """Step 1 (Class-Encoder) or step 3 (UNet fine-tuning): AdamW + cosine decay per step."""
 
-    epochs: int = setting(50, "epochs; one checkpoint per epoch, all kept for the searches", ge=1)
-    global_batch_size: int = setting(64, "images per optimizer step, split across workers", ge=1)
-    lr: float = setting(1e-4, "peak learning rate, cosine-decayed to 0 per step", gt=0)
-    weight_decay: float = setting(4e-3, "decoupled (AdamW)", ge=0)
-    grad_clip_norm: float = setting(10.0, "global norm", gt=0)
+    epochs: int = setting(50, "epochs; one checkpoint per epoch, all kept for the searches", ge=1, affects=TRAINED)
+    global_batch_size: int = setting(64, "images per optimizer step, split across workers", ge=1, affects=TRAINED)
+    lr: float = setting(1e-4, "peak learning rate, cosine-decayed to 0 per step", gt=0, affects=TRAINED)
+    weight_decay: float = setting(4e-3, "decoupled (AdamW)", ge=0, affects=TRAINED)
+    grad_clip_norm: float = setting(10.0, "global norm", gt=0, affects=TRAINED)
     steps_per_epoch: int | None = setting(None, "None: one pass over the train split; N: exactly N steps (data cycled)",
-                                          ge=1, optional=True)
+                                          ge=1, optional=True, affects=TRAINED)
     checkpoint_dtype: Literal["fp32", "bf16"] = setting("fp32", "dtype of the saved weights (bf16 halves a UNet "
-                                                        "checkpoint)")
+                                                        "checkpoint)", affects=TRAINED)
     gradient_checkpointing: bool = setting(False, "recompute the UNet's activations in the backward pass (about a "
-                                           "sixth of their memory, roughly a third more time)")
+                                           "sixth of their memory, roughly a third more time)", affects=OPERATIONAL)
     optimizer: Literal["adamw", "adamw_8bit"] = setting("adamw", "adamw (fused on CUDA) or adamw_8bit (bitsandbytes, "
-                                                        "CUDA: a quarter of the moments' memory)")
+                                                        "CUDA: a quarter of the moments' memory)", affects=TRAINED)
 
 
 def _finetune_defaults() -> TrainStepConfig:
@@ -135,14 +173,14 @@ class SamplingConfig:
     """Defaults of the guided sampler (the searches override IS and UGS)."""
 
     scheduler: Literal["ddim", "dpmpp", "unipc"] = setting("ddim", "ddim (eta 0, the released code), DPM-Solver++ or "
-                                                           "UniPC")
+                                                           "UniPC", affects=GENERATION)
     num_inference_steps: int = setting(50, "IS; for ddim the released code's spacing (IS=31 -> 32 steps)", ge=1,
-                                       le="model.num_train_timesteps")
-    guidance_scale: float = setting(7.5, "UGS", ge=0, le=MAX_GUIDANCE)
-    batch_size: int = setting(256, "images per sampler call; halved and retried on CUDA out-of-memory", ge=1)
+                                       le="model.num_train_timesteps", affects=("after_1",))
+    guidance_scale: float = setting(7.5, "UGS", ge=0, le=MAX_GUIDANCE, affects=("after_1",))
+    batch_size: int = setting(256, "images per sampler call; halved and retried on CUDA out-of-memory", ge=1, affects=OPERATIONAL)
     compile: bool = setting(False, "torch.compile the UNet and VAE decoder (static shapes: batches padded to "
-                            "batch_size)")
-    fuse_qkv: bool = setting(False, "fuse the attention Q/K/V projections into one matmul (diffusers)")
+                            "batch_size)", affects=OPERATIONAL)
+    fuse_qkv: bool = setting(False, "fuse the attention Q/K/V projections into one matmul (diffusers)", affects=OPERATIONAL)
 
 
 @dataclass
@@ -150,43 +188,43 @@ class CasConfig:
     """ResNet20 CAS protocol of the paper's released code."""
 
     variant: Literal["paper", "standard"] = setting("paper", "paper: the released code's wide ResNet20 (4.29 M "
-                                                    "params); standard: He et al.'s (0.27 M)")
-    max_epochs: int = setting(100, "epoch limit (also the search schedulers' max_t)", ge=1)
-    batch_size: int = setting(256, "training batch", ge=1)
+                                                    "params); standard: He et al.'s (0.27 M)", affects=CAS)
+    max_epochs: int = setting(100, "epoch limit (also the search schedulers' max_t)", ge=1, affects=CAS)
+    batch_size: int = setting(256, "training batch", ge=1, affects=CAS)
     min_steps_per_epoch: int = setting(0, "> 0: smaller batches for small sets (batch <= N / this); 0: batch_size "
-                                       "always", ge=0)
-    lr: float = setting(1e-3, "Adam learning rate", gt=0)
-    eps: float = setting(1e-7, "Keras' Adam epsilon", gt=0)
-    label_smoothing: float = setting(0.1, "cross-entropy label smoothing", ge=0, lt=1)
-    plateau_factor: float = setting(0.1, "ReduceLROnPlateau factor (on val accuracy)", gt=0, lt=1)
-    plateau_patience: int = setting(10, "ReduceLROnPlateau patience, epochs", ge=0)
-    min_lr: float = setting(1e-5, "ReduceLROnPlateau floor", ge=0, le="cas.lr")
+                                       "always", ge=0, affects=CAS)
+    lr: float = setting(1e-3, "Adam learning rate", gt=0, affects=CAS)
+    eps: float = setting(1e-7, "Keras' Adam epsilon", gt=0, affects=CAS)
+    label_smoothing: float = setting(0.1, "cross-entropy label smoothing", ge=0, lt=1, affects=CAS)
+    plateau_factor: float = setting(0.1, "ReduceLROnPlateau factor (on val accuracy)", gt=0, lt=1, affects=CAS)
+    plateau_patience: int = setting(10, "ReduceLROnPlateau patience, epochs", ge=0, affects=CAS)
+    min_lr: float = setting(1e-5, "ReduceLROnPlateau floor", ge=0, le="cas.lr", affects=CAS)
     early_stopping_patience: int = setting(25, "epochs without val improvement before stopping (best weights "
-                                           "restored)", ge=1)
-    eval_batch_size: int = setting(1024, "batch for val/test evaluation", ge=1)
-    compile: bool = setting(False, "torch.compile the classifier (worth it on a GPU for the 100-epoch protocol)")
+                                           "restored)", ge=1, affects=CAS)
+    eval_batch_size: int = setting(1024, "batch for val/test evaluation", ge=1, affects=OPERATIONAL)
+    compile: bool = setting(False, "torch.compile the classifier (worth it on a GPU for the 100-epoch protocol)", affects=OPERATIONAL)
     image_size: int | None = setting(None, "None: classify at the dataset's size (the paper); N: area-resize "
                                      "every image to NxN first (the demo: digits are 8x8 upsampled, 16 loses "
-                                     "nothing and costs a quarter)", ge=4, optional=True)
+                                     "nothing and costs a quarter)", ge=4, optional=True, affects=CAS)
 
 
 @dataclass
 class SearchConfig:
     """Steps 2 and 4: TPE + Hyperband over IS, UGS and the checkpoint epoch."""
 
-    num_trials: int = setting(50, "trials per search phase", ge=1)
-    num_images: int = setting(4000, "generated per trial, class-balanced", ge=1)
-    scheduler: Literal["hyperband", "asha"] = setting("hyperband", "trial scheduler; time unit = classifier epoch")
-    objective: Literal["val", "test"] = setting("val", "\"test\" reproduces the paper (leaks the test set)")
-    min_inference_steps: int = setting(5, "lower bound of IS (inclusive)", ge=1, le="model.num_train_timesteps")
+    num_trials: int = setting(50, "trials per search phase", ge=1, affects=SEARCHES)
+    num_images: int = setting(4000, "generated per trial, class-balanced", ge=1, affects=("after_1", "after_3") + SEARCHES)
+    scheduler: Literal["hyperband", "asha"] = setting("hyperband", "trial scheduler; time unit = classifier epoch", affects=SEARCHES)
+    objective: Literal["val", "test"] = setting("val", "\"test\" reproduces the paper (leaks the test set)", affects=SEARCHES)
+    min_inference_steps: int = setting(5, "lower bound of IS (inclusive)", ge=1, le="model.num_train_timesteps", affects=SEARCHES)
     max_inference_steps: int = setting(50, "upper bound of IS in phase 1 (phase 2: IS*)",
-                                       ge="search.min_inference_steps", le="model.num_train_timesteps")
-    max_guidance_scale: float = setting(7.5, "upper bound of UGS in phase 1 (phase 2: 2 UGS*)", ge=0, le=MAX_GUIDANCE)
-    reduction_factor: int = setting(3, "HyperBand/ASHA eta", ge=2)
-    grace_period: int = setting(1, "ASHA: epochs before a trial may be stopped", ge=1)
+                                       ge="search.min_inference_steps", le="model.num_train_timesteps", affects=("search_1",))
+    max_guidance_scale: float = setting(7.5, "upper bound of UGS in phase 1 (phase 2: 2 UGS*)", ge=0, le=MAX_GUIDANCE, affects=("search_1",))
+    reduction_factor: int = setting(3, "HyperBand/ASHA eta", ge=2, affects=SEARCHES)
+    grace_period: int = setting(1, "ASHA: epochs before a trial may be stopped", ge=1, affects=SEARCHES, when=_asha)
     brackets: int = setting(1, "ASHA brackets; > 1: asynchronous HyperBand (the semantics of Optuna's "
-                            "HyperbandPruner)", ge=1)
-    max_concurrent_trials: int | None = setting(None, "None: as many as the resources allow", ge=1, optional=True)
+                            "HyperbandPruner)", ge=1, affects=SEARCHES, when=_asha)
+    max_concurrent_trials: int | None = setting(None, "None: as many as the resources allow", ge=1, optional=True, affects=OPERATIONAL)
 
 
 @dataclass
@@ -195,11 +233,11 @@ class ScaleConfig:
 
     scales: list[int] = setting(help="k of the x1..xK datasets; the largest is generated, the others are stratified "
                                 "prefixes", factory=lambda: list(range(1, 11)), check=_scales_ok,
-                                text="a non-empty list of integers in [1, 1000]")
+                                text="a non-empty list of integers in [1, 1000]", affects=("generate", "scaling"), views={"generate": max})
     class_balance: Literal["real", "uniform"] = setting("real", "per-class counts: the real train split's proportions "
-                                                        "or uniform")
-    shard_size: int = setting(1024, "sample_ids per Parquet shard (the unit of resumption)", ge=1)
-    keep_full_resolution: bool = setting(False, "also store the 128 px images")
+                                                        "or uniform", affects=("generate", "scaling"))
+    shard_size: int = setting(1024, "sample_ids per Parquet shard (the unit of resumption)", ge=1, affects=("generate",))
+    keep_full_resolution: bool = setting(False, "also store the 128 px images", affects=("generate",))
 
 
 @dataclass
@@ -208,33 +246,33 @@ class ResourcesConfig:
 
     device: Literal["auto", "cpu", "cuda"] = setting("auto", "auto: CUDA when the cluster has GPUs at the start "
                                                      "(said once in the log); cuda: wait for the autoscaler to add "
-                                                     "them; cpu: never")
-    num_workers: int = setting(1, "Ray Train workers (data parallel)", ge=1)
+                                                     "them; cpu: never", affects=OPERATIONAL)
+    num_workers: int = setting(1, "Ray Train workers (data parallel)", ge=1, affects=OPERATIONAL)
     cpu_finetune_workers: int | None = setting(None, "Ray Train workers of step 3 when it trains on CPUs (their "
                                                "threads share the node's cores); None: num_workers", ge=1,
-                                               optional=True)
-    gpus_per_worker: float = setting(1.0, "GPUs per Ray Train worker", ge=0)
-    cpus_per_worker: float = setting(1.0, "CPUs per Ray Train worker", ge=0)
+                                               optional=True, affects=OPERATIONAL)
+    gpus_per_worker: float = setting(1.0, "GPUs per Ray Train worker", ge=0, affects=OPERATIONAL)
+    cpus_per_worker: float = setting(1.0, "CPUs per Ray Train worker", ge=0, affects=OPERATIONAL)
     torch_threads: int | None = setting(None, "CPU threads per worker/trial; None: its CPU reservation", ge=1,
-                                        optional=True)
-    gpus_per_trial: float = setting(1.0, "Ray Tune trial resources; fractional GPUs allowed", ge=0)
-    cpus_per_trial: float = setting(1.0, "CPUs per Ray Tune trial", ge=0)
+                                        optional=True, affects=OPERATIONAL)
+    gpus_per_trial: float = setting(1.0, "Ray Tune trial resources; fractional GPUs allowed", ge=0, affects=OPERATIONAL)
+    cpus_per_trial: float = setting(1.0, "CPUs per Ray Tune trial", ge=0, affects=OPERATIONAL)
     cpu_generation_actors: int | None = setting(None, "generation actors when generating on CPUs (their threads "
                                                 "share the cluster's cores); None: CPUs // torch_threads", ge=1,
-                                                optional=True)
+                                                optional=True, affects=OPERATIONAL)
     generation_actors: int | None = setting(None, "max size of the generation actor pool; None: every accelerator the "
-                                            "cluster has or can grow to (resources.max_gpus)", ge=1, optional=True)
+                                            "cluster has or can grow to (resources.max_gpus)", ge=1, optional=True, affects=OPERATIONAL)
     max_gpus: int | None = setting(None, "accelerators the cluster can grow to (its autoscaler's maximum): sizes the "
-                                   "generation pool and Tune's concurrency; None: those present", ge=1, optional=True)
+                                   "generation pool and Tune's concurrency; None: those present", ge=1, optional=True, affects=OPERATIONAL)
     accelerator: str = setting("GPU", "the Ray resource one accelerator is: GPU, or a custom resource (other "
                                "accelerator types, tests); generation actors always ask for one", check=_nonblank,
-                               text="a Ray resource name")
+                               text="a Ray resource name", affects=OPERATIONAL)
     gpu_wait_seconds: float = setting(900.0, "device=cuda: how long a stage waits for the autoscaler to add "
-                                      "accelerators before it fails", gt=0)
-    max_failures: int = setting(3, "Ray Train / Tune retries of a failed worker or trial (from its checkpoint)", ge=0)
-    shared_storage: bool = setting(False, "a local run_dir is on a filesystem every node mounts at that path")
+                                      "accelerators before it fails", gt=0, affects=OPERATIONAL)
+    max_failures: int = setting(3, "Ray Train / Tune retries of a failed worker or trial (from its checkpoint)", ge=0, affects=OPERATIONAL)
+    shared_storage: bool = setting(False, "a local run_dir is on a filesystem every node mounts at that path", affects=OPERATIONAL)
     lock_expiry_seconds: float = setting(300.0, "a run lock whose holder's heartbeat is older than this is taken "
-                                         "over from any host (the holder renews it every fifth of this)", gt=0)
+                                         "over from any host (the holder renews it every fifth of this)", gt=0, affects=OPERATIONAL)
 
     def train_workers(self, kind: str, device: str) -> int:
         """Ray Train's data-parallel workers for training ``kind`` on ``device`` ("cpu" or "cuda")."""
@@ -247,13 +285,13 @@ class ResourcesConfig:
 class Config:
     """The whole run. Build with :func:`raysd.config.load_config`, not by hand."""
 
-    preset: Literal["demo", "paper", "official"] = setting("paper", "the preset these values started from")
-    seed: int = setting(0, "run seed: data order, per-sample generation seeds, classifier init, searches", ge=0)
+    preset: Literal["demo", "paper", "official"] = setting("paper", "the preset these values started from", affects=OPERATIONAL)
+    seed: int = setting(0, "run seed: data order, per-sample generation seeds, classifier init, searches", ge=0, affects=MADE)
     run_dir: str = setting("runs/raysd", "run directory: local path or URI (s3://, gs://) shared by all nodes",
-                           check=_nonblank, text="a directory path or URI")
+                           check=_nonblank, text="a directory path or URI", affects=OPERATIONAL)
     storage_endpoint: str | None = setting(None, "endpoint URL of an S3-compatible store for s3:// run directories "
                                            "(MinIO, Ceph, a test server); sets AWS_ENDPOINT_URL for raysd and "
-                                           "its Ray workers")
+                                           "its Ray workers", affects=OPERATIONAL)
     dataset: DatasetConfig = section(DatasetConfig)
     model: ModelConfig = section(ModelConfig)
     encoder: TrainStepConfig = section(TrainStepConfig, "step 1")

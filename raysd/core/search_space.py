@@ -57,21 +57,25 @@ def phase2_space(cfg: Config, best1: dict[str, Any], last_unet_epoch: int) -> Se
 
 @dataclass
 class TrialReport:
-    """What one trial reported, rebuilt from Tune's results."""
+    """What one trial reported, rebuilt from Tune's results, and how the sampler's study recorded it."""
 
     trial_id: str
     params: dict[str, Any]
     epochs_run: int
-    finished: bool  # ran the full CAS protocol (not stopped by the scheduler)
+    finished: bool  # ran its CAS protocol to the end (budget, own early stopping, or its bracket's full budget)
     best_cas: float | None
     last_cas: float | None
     seconds: float
     generation_seconds: float | None
     images_per_second: float | None
-    status: str
+    status: str  # complete, pruned (cut by the scheduler) or error
     error: str | None = None
-    informed_by: int | None = None  # finished trials the searcher had seen when it suggested this one
+    informed_by: int | None = None  # finished (complete + pruned) trials in the study when it was suggested
     node: str | None = None  # the Ray node it ran on (last)
+    index: int | None = None  # its place in the order of suggestions
+    study_at_suggestion: dict[str, int] | None = None  # the study's trials by state when it was suggested
+    study_state: str | None = None  # its state in the sampler's study (complete, pruned, fail)
+    study_value: float | None = None
 
 
 def run_trial(params: dict[str, Any], *, images_fn: Callable[[dict[str, Any]], tuple[Any, Any, float]],
@@ -106,7 +110,11 @@ def run_trial(params: dict[str, Any], *, images_fn: Callable[[dict[str, Any]], t
 
 
 def trial_from_rows(trial_id: str, params: dict[str, Any], rows: list[dict[str, Any]], status: str,
-                    error: str | None = None, informed_by: int | None = None) -> TrialReport:
+                    error: str | None = None, informed_by: int | None = None, index: int | None = None,
+                    study_at_suggestion: dict[str, int] | None = None) -> TrialReport:
+    """A trial's report from its result rows (a resumed trial reports its checkpoint's epoch again:
+    one row per epoch, the last kept)."""
+    rows = list({int(r.get("epoch", 0) or 0): r for r in rows}.values())
     cas = [r["cas"] for r in rows if r.get("cas") is not None and not _nan(r["cas"])]
     last = rows[-1] if rows else {}
     return TrialReport(
@@ -115,7 +123,8 @@ def trial_from_rows(trial_id: str, params: dict[str, Any], rows: list[dict[str, 
         last_cas=cas[-1] if cas else None, seconds=float(sum(r.get("classifier_seconds", 0.0) or 0.0 for r in rows)
                                                         + (last.get("generation_seconds") or 0.0)),
         generation_seconds=last.get("generation_seconds"), images_per_second=last.get("images_per_second"),
-        status=status, error=error, informed_by=informed_by, node=last.get("node"))
+        status=status, error=error, informed_by=informed_by, node=last.get("node"),
+        index=None if index is None else int(index), study_at_suggestion=study_at_suggestion)
 
 
 def _nan(x: Any) -> bool:
@@ -186,23 +195,18 @@ def importances(trials: list[TrialReport], space: SearchSpace, seed: int) -> dic
 # Where the schedulers may stop or pause a trial (checkpoint there)
 
 
-def hyperband_brackets(max_t: int, eta: int) -> dict[int, int]:
-    """{s: trials} of the brackets Ray's HyperBandScheduler builds (its own formulas)."""
-    s_max_1 = int(round(math.log(max_t) / math.log(eta))) + 1
-    return {s: int(math.ceil(s_max_1 / (s + 1) * eta**s)) for s in range(s_max_1) if int(max_t * eta ** (-s)) > 0}
-
-
 def milestones(cfg: Config) -> set[int]:
-    """Epochs where HyperBand or ASHA may pause or stop a trial (checkpoint there), every 10th, the last."""
-    eta, max_t, grace = cfg.search.reduction_factor, cfg.cas.max_epochs, cfg.search.grace_period
+    """Epochs where HyperBand or ASHA may pause or stop a trial (it reports a checkpoint there),
+    every 10th (a killed trial loses at most 10 epochs) and the last."""
+    from raysd.core.hyperband import milestones as hyperband_rungs
+
+    eta, max_t = cfg.search.reduction_factor, cfg.cas.max_epochs
     out = {max_t, *range(10, max_t + 1, 10)}
-    for s in hyperband_brackets(max_t, eta):  # HyperBand: r0 = int(max_t eta^-s), then r *= eta
-        r = int(max_t * eta ** (-s))
-        while r < max_t:
-            out.add(r)
-            r = int(min(r * eta, max_t))
-    g = grace  # ASHA rungs: grace * eta^k
-    while g < max_t:
-        out.add(int(g))
-        g *= eta
+    if cfg.search.scheduler == "hyperband":
+        out |= hyperband_rungs(max_t, eta)
+    else:
+        g = cfg.search.grace_period  # ASHA rungs: grace * eta^k
+        while g < max_t:
+            out.add(int(g))
+            g *= eta
     return {m for m in out if 1 <= m <= max_t}

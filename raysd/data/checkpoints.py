@@ -116,6 +116,14 @@ def read_meta(directory: str) -> dict[str, Any]:
     return meta
 
 
+def weights_sha(directory: str) -> str:
+    """The SHA-256 of a checkpoint's weights as its record states it (nothing but the record is read)."""
+    sha = read_meta(directory)["files"].get(MODEL_FILE)
+    if not sha:
+        raise RaysdError(f"checkpoint {directory}: {CKPT_JSON} lists no {MODEL_FILE}")
+    return sha
+
+
 def _read_verified(directory: str, name: str, sha: str) -> bytes:
     path = storage.join(directory, name)
     if not storage.exists(path):
@@ -206,6 +214,18 @@ def _epochs_in(root: str, record: str) -> list[int]:
 def list_epochs(root: str) -> list[int]:
     """Epoch numbers of directories under ``root`` that have a checkpoint.json (unverified)."""
     return _epochs_in(root, CKPT_JSON)
+
+
+def recorded_epochs(root: str) -> dict[int, str]:
+    """{epoch: its weights' SHA-256} of every checkpoint whose record is readable: what a search may
+    use, from the records alone (the weights are verified where they are loaded)."""
+    out = {}
+    for e in list_epochs(root):
+        try:
+            out[e] = weights_sha(epoch_dir(root, e))
+        except RaysdError:
+            continue
+    return out
 
 
 def valid_epochs(root: str) -> list[int]:

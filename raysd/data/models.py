@@ -196,6 +196,13 @@ def base_identity(spec: str) -> str:
     return storage.sha256_file(record) if not spec.startswith(("tiny", "random:")) and storage.exists(record) else spec
 
 
+def base_content(spec: str) -> str:
+    """A base model's identity for stage keys: its content for a raysd-written base (wherever it
+    lies), else the hub id, builtin name or path as given."""
+    ident = base_identity(spec)
+    return ident if ident == spec else f"raysd base sha256:{ident[:16]}"
+
+
 def fetch_base(uri: str) -> str:
     """A raysd-written base on an object store, copied into a local cache (once per content) and
     verified there; returns the local directory diffusers loads."""

@@ -24,28 +24,44 @@ def best_params(run: Run) -> dict[str, Any]:
     return {}
 
 
+def _checked(root: str, chosen: int | None, what: str) -> int | None:
+    """``chosen`` if its checkpoint is valid (else one line naming the valid ones); without a choice
+    the newest valid one (None when there is none). Only the checkpoints looked at are verified."""
+    if chosen is not None:
+        if not ck.is_valid(ck.epoch_dir(root, chosen)):
+            raise RaysdError(f"generate: {what} epoch {chosen} has no valid checkpoint in {root}; available: "
+                             f"{ck.valid_epochs(root)}")
+        return chosen
+    return next((e for e in sorted(ck.recorded_epochs(root), reverse=True) if ck.is_valid(ck.epoch_dir(root, e))),
+                None)
+
+
 def _epochs(run: Run, encoder_epoch: int | None, unet_epoch: int | None, use_unet: bool | None,
             best: dict[str, Any]) -> tuple[int, int | None]:
     """(encoder epoch, UNet epoch or None), each with a valid checkpoint; a fine-tuned UNet pairs
     with the encoder epoch it was fine-tuned with."""
     enc_root, unet_root = run.ckpt_root("encoder"), run.ckpt_root("unet")
-    enc_valid = ck.valid_epochs(enc_root)
-    if not enc_valid:
+    e = _checked(enc_root, encoder_epoch or best.get("encoder_epoch"), "encoder")
+    if e is None:
         raise RaysdError(f"generate: no Class-Encoder checkpoints in {enc_root}; run `raysd train-encoder` first")
-    e = encoder_epoch or best.get("encoder_epoch") or enc_valid[-1]
-    if e not in enc_valid:
-        raise RaysdError(f"generate: encoder epoch {e} has no valid checkpoint in {enc_root}; available: {enc_valid}")
-    unet_valid = ck.valid_epochs(unet_root)
-    f = unet_epoch or best.get("unet_epoch")
-    if f is None and use_unet is not False and unet_valid:
-        f = unet_valid[-1]
-    if use_unet is False:
-        f = None
+    f = None if use_unet is False else _checked(unet_root, unet_epoch or best.get("unet_epoch"), "unet")
     if f is not None:
-        if f not in unet_valid:
-            raise RaysdError(f"generate: unet epoch {f} has no valid checkpoint in {unet_root}; available: {unet_valid}")
         e = ck.read_meta(ck.epoch_dir(unet_root, f)).get("encoder_epoch") or e
+        _checked(enc_root, e, "encoder")
     return e, f
+
+
+def spec_for(run: Run, *, encoder_epoch: int, unet_epoch: int | None, num_inference_steps: int,
+             guidance_scale: float, scheduler: str | None = None) -> GeneratorSpec:
+    """The generator of these (already checked) checkpoints and sampler settings; reads nothing."""
+    cfg, m = run.cfg, run.cfg.model
+    return GeneratorSpec(
+        base=run.base_spec(), resolution=m.resolution, encoder_dir=ck.epoch_dir(run.ckpt_root("encoder"), encoder_epoch),
+        unet_dir=ck.epoch_dir(run.ckpt_root("unet"), unet_epoch) if unet_epoch else None, out_size=run.image_size,
+        num_inference_steps=int(num_inference_steps), guidance_scale=float(guidance_scale),
+        scheduler=scheduler or cfg.sampling.scheduler, precision=m.precision, beta_start=m.beta_start,
+        beta_end=m.beta_end, num_train_timesteps=m.num_train_timesteps, prediction_type=m.prediction_type,
+        seed=cfg.seed, compile=cfg.sampling.compile, fuse_qkv=cfg.sampling.fuse_qkv, tiny_decoder=m.tiny_decoder)
 
 
 def resolve_spec(run: Run, *, num_inference_steps: int | None = None, guidance_scale: float | None = None,
@@ -58,14 +74,29 @@ def resolve_spec(run: Run, *, num_inference_steps: int | None = None, guidance_s
     e, f = _epochs(run, encoder_epoch, unet_epoch, use_unet, best)
     steps = num_inference_steps or best.get("num_inference_steps") or cfg.sampling.num_inference_steps
     ugs = guidance_scale if guidance_scale is not None else best.get("guidance_scale", cfg.sampling.guidance_scale)
-    m = cfg.model
-    return GeneratorSpec(
-        base=run.base_spec(), resolution=m.resolution, encoder_dir=ck.epoch_dir(run.ckpt_root("encoder"), e),
-        unet_dir=ck.epoch_dir(run.ckpt_root("unet"), f) if f else None, out_size=run.image_size,
-        num_inference_steps=int(steps), guidance_scale=float(ugs), scheduler=scheduler or cfg.sampling.scheduler,
-        precision=m.precision, beta_start=m.beta_start, beta_end=m.beta_end, num_train_timesteps=m.num_train_timesteps,
-        prediction_type=m.prediction_type,
-        seed=cfg.seed, compile=cfg.sampling.compile, fuse_qkv=cfg.sampling.fuse_qkv, tiny_decoder=m.tiny_decoder)
+    return spec_for(run, encoder_epoch=e, unet_epoch=f, num_inference_steps=steps, guidance_scale=ugs,
+                    scheduler=scheduler)
+
+
+OPERATIONAL_SPEC = ("compile", "fuse_qkv")  # fast paths: the same images (DESIGN section 5), not another set
+
+
+def spec_identity(spec: GeneratorSpec, shas: tuple[str, str | None] | None = None,
+                  base: str | None = None) -> dict[str, Any]:
+    """What decides a generator's images: its settings without the fast paths, its base by content
+    and its checkpoints by their weights' checksums (``shas``: (encoder, unet), read from their
+    records when not given; ``base``: the base's identity, read from its record when not given),
+    not by where they lie."""
+    from raysd.data.models import base_content
+
+    d = {k: v for k, v in spec.to_dict().items() if k not in OPERATIONAL_SPEC + ("encoder_dir", "unet_dir")}
+    d["base"] = base if base is not None else base_content(spec.base)
+    enc, unet = shas if shas is not None else checkpoint_shas(spec)
+    return {**d, "encoder_sha256": enc, "unet_sha256": unet}
+
+
+def checkpoint_shas(spec: GeneratorSpec) -> tuple[str, str | None]:
+    return ck.weights_sha(spec.encoder_dir), (ck.weights_sha(spec.unet_dir) if spec.unet_dir else None)
 
 
 def spec_provenance(spec: GeneratorSpec) -> dict[str, Any]:

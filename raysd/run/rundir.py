@@ -110,53 +110,113 @@ class Run:
         return self.cfg.model.base_model
 
     def stage_hash(self, *sections: str, extra: Any = None) -> str:
-        """Identity of a stage's inputs: named config sections, the seed and any extra value."""
+        """Identity of a stage's inputs: named config sections, the seed and any extra value (the
+        latent cache: base, resolution and data as ``extra``, no section)."""
         d = self.cfg.to_dict()
         body = {k: d[k] for k in sections}
         body["seed"] = self.cfg.seed
         body["extra"] = extra
         return fingerprint(body)
 
-    def training_hash(self, kind: str, encoder_epoch: int | None = None) -> str:
-        """What a training kind's checkpoints depend on (a change invalidates them)."""
-        if kind == "pretrain":
-            keys = {k: v for k, v in self.cfg.to_dict()["model"].items() if k.startswith("pretrain") or k in (
-                "base_model", "resolution", "seq_len", "beta_start", "beta_end", "num_train_timesteps")}
-            return self.stage_hash("dataset", extra=keys)
-        sections = ("dataset", "model", "encoder") + (("finetune",) if kind == "unet" else ())
-        return self.stage_hash(*sections, extra=encoder_epoch)
+    def base_identity(self) -> str:
+        """The content identity of the base the stages load (the pretrained one in the run, or the config's)."""
+        from raysd.data.models import base_content
 
-    def save_config(self) -> None:
-        """Write RUN/config.json (the resolved config), refusing a run made with another preset."""
+        return base_content(self.base_spec())
+
+    def settings_identity(self, stage: str) -> dict[str, Any]:
+        """The settings that determine ``stage``'s output (the schema's), the base model by content."""
+        return stage_settings(self.cfg, stage)
+
+    def training_hash(self, kind: str, encoder_epoch: int | None = None) -> str:
+        """What a training kind's checkpoints depend on (a change invalidates them): the settings
+        that determine its stage, the prepared data, the base and, for the UNet, the frozen
+        Class-Encoder's weights."""
+        stage = {"pretrain": "pretrain", "encoder": "train_encoder", "unet": "finetune"}[kind]
+        body: dict[str, Any] = {"settings": self.settings_identity(stage),
+                                "data": self.train_meta["provenance"].get("fingerprint")}
+        if kind != "pretrain":
+            body["base"] = self.base_identity()
+        if kind == "unet":
+            from raysd.data import checkpoints as ck
+
+            body["encoder_epoch"] = encoder_epoch
+            body["encoder_sha256"] = ck.weights_sha(ck.epoch_dir(self.ckpt_root("encoder"), int(encoder_epoch or 0)))
+        return fingerprint(body)
+
+    def legacy_training_hash(self, kind: str, encoder_epoch: int | None = None) -> str:
+        """The hash an earlier raysd (before the schema's stage identity) gave these checkpoints."""
+        from raysd.run import legacy
+
+        return legacy.training_hash(self.cfg, kind, encoder_epoch)
+
+    def check_preset(self) -> None:
+        """Refuse, before anything is written, a run directory made with another preset."""
         path = self.path("config.json")
         if storage.exists(path):
             old = storage.read_json(path)
             if old.get("preset") != self.cfg.preset:
                 raise RaysdError(f"run {self.root} was made with preset {old.get('preset')!r}, not "
                                  f"{self.cfg.preset!r}; use another run directory")
+
+    def save_config(self) -> None:
+        """Write RUN/config.json (the resolved config), refusing a run made with another preset."""
+        self.check_preset()
         storage.makedirs(self.root)
-        storage.write_json(path, self.cfg.to_dict())
+        storage.write_json(self.path("config.json"), self.cfg.to_dict())
+
+
+def stage_settings(cfg: Config, stage: str) -> dict[str, Any]:
+    """:func:`raysd.config.identity.settings_identity`, with ``model.base_model`` by its content (a
+    raysd-written base moved to another path or bucket is the same base)."""
+    from raysd.config.identity import settings_identity
+    from raysd.data.models import base_content
+
+    out = settings_identity(cfg, stage)
+    if "model.base_model" in out:
+        out["model.base_model"] = base_content(out["model.base_model"])
+    return out
 
 
 def claim(directory: str, fp: str, *, what: str, restart: bool = False, record: str = CLAIM,
-          body: dict[str, Any] | None = None,
+          body: dict[str, Any] | None = None, aliases: tuple[str, ...] = (), identity: dict[str, Any] | None = None,
           fix: str = "pass --restart to replace it, or use another run directory or --name") -> None:
     """Make ``directory`` the output of the work identified by ``fp`` (recorded in ``record``).
 
-    Held for other settings: refused with one line, or, with ``restart``, emptied and taken.
-    ``restart`` also empties a directory held for the same settings (the user asked to redo it).
-    A non-empty directory without the record is not raysd's and is refused."""
+    Held for other settings: refused with one line naming them (``identity``: the settings behind
+    ``fp``, recorded beside it), or, with ``restart``, emptied and taken. ``restart`` also empties
+    a directory held for the same settings (the user asked to redo it). A record holding one of
+    ``aliases`` (the same work identified the way an earlier raysd did) is taken as ``fp`` and
+    rewritten so. A non-empty directory without the record is not raysd's and is refused."""
+    check_claim(directory, fp, what=what, restart=restart, record=record, aliases=aliases, identity=identity, fix=fix)
+    path = storage.join(directory, record)
+    held = storage.read_json(path) if storage.exists(path) else None
+    if restart and (held is not None or storage.listdir(directory)):
+        storage.remove(directory)
+        held = None
+    storage.makedirs(directory)
+    if held is None or held.get("fingerprint") != fp:
+        kept = {k: v for k, v in (held or {}).items() if k not in ("fingerprint", "identity")}
+        storage.write_json(path, {**kept, "fingerprint": fp, **({"identity": identity} if identity else {}),
+                                  **(body or {})})
+
+
+def check_claim(directory: str, fp: str, *, what: str, restart: bool = False, record: str = CLAIM,
+                aliases: tuple[str, ...] = (), identity: dict[str, Any] | None = None,
+                fix: str = "pass --restart to replace it, or use another run directory or --name") -> None:
+    """What :func:`claim` would refuse, checked without writing anything."""
+    from raysd.config.identity import changed_settings
+
+    if restart:
+        return
     path = storage.join(directory, record)
     if storage.exists(path):
-        if storage.read_json(path).get("fingerprint") != fp or restart:
-            if not restart:
-                raise RaysdError(f"{what}: {directory} holds work made with other settings; {fix}")
-            storage.remove(directory)
+        held = storage.read_json(path)
+        if held.get("fingerprint") not in (fp, *aliases):
+            diff = changed_settings(held["identity"], identity) if identity and held.get("identity") else []
+            why = f" ({'; '.join(diff)})" if diff else (
+                " (the same settings, made from other data, base or upstream checkpoints)" if identity and
+                held.get("identity") else "")
+            raise RaysdError(f"{what}: {directory} holds work made with other settings{why}; {fix}")
     elif storage.listdir(directory):
-        if not restart:
-            raise RaysdError(f"{what}: {directory} exists and is not a raysd {what} directory; remove it, or "
-                             f"{fix}")
-        storage.remove(directory)
-    storage.makedirs(directory)
-    if not storage.exists(path):
-        storage.write_json(path, {"fingerprint": fp, **(body or {})})
+        raise RaysdError(f"{what}: {directory} exists and is not a raysd {what} directory; remove it, or {fix}")

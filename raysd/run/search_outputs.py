@@ -1,4 +1,6 @@
-"""What a finished search leaves in RUN/search_K/ besides Tune's experiment: ``trials.csv``,
+"""What a finished search leaves in RUN/search_K/ besides Tune's experiment and the sampler's study
+(``optuna.db``): ``trials.csv`` (each trial as Tune saw it: ``status`` complete, pruned or error,
+beside its state and value in the study and what the study held when it was suggested),
 ``importance.json``, Optuna's plots and ``best.json`` (written last: it marks the search complete)."""
 
 from __future__ import annotations
@@ -18,13 +20,20 @@ log = logging.getLogger("raysd")
 def write_trials_csv(trials: list[TrialReport], path: str) -> None:
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["trial_id", *PARAMS, "status", "epochs_run", "informed_by", "last_cas", "best_cas", "seconds",
+    w.writerow(["trial", "trial_id", *PARAMS, "status", "epochs_run", "last_cas", "best_cas", "study_state",
+                "study_value", "informed_by", "study_complete_at_suggestion", "study_pruned_at_suggestion", "seconds",
                 "generation_seconds", "images_per_second", "node", "error"])
     for t in trials:
-        w.writerow([t.trial_id, *(t.params[k] for k in PARAMS), t.status, t.epochs_run,
-                    "" if t.informed_by is None else t.informed_by, t.last_cas, t.best_cas, round(t.seconds, 3),
-                    t.generation_seconds, t.images_per_second, t.node or "", t.error or ""])
+        seen = t.study_at_suggestion or {}
+        w.writerow(["" if t.index is None else t.index + 1, t.trial_id, *(t.params[k] for k in PARAMS), t.status,
+                    t.epochs_run, t.last_cas, t.best_cas, t.study_state or "", _blank(t.study_value),
+                    _blank(t.informed_by), _blank(seen.get("complete")), _blank(seen.get("pruned")),
+                    round(t.seconds, 3), t.generation_seconds, t.images_per_second, t.node or "", t.error or ""])
     storage.write_bytes(path, buf.getvalue().encode())
+
+
+def _blank(v: Any) -> Any:
+    return "" if v is None else v
 
 
 def write_outputs(out: str, trials: list[TrialReport], space: SearchSpace, seed: int, best: SearchBest) -> dict:

@@ -28,7 +28,9 @@ from raysd.core.plan import Plan
 from raysd.data import imageset, storage
 from raysd.errors import RaysdError
 from raysd.faults import maybe_fail
-from raysd.run.generators import spec_provenance
+from raysd.config import flatten
+from raysd.run import legacy
+from raysd.run.generators import spec_identity, spec_provenance
 from raysd.run.rundir import Run, claim
 from raysd.stages.cluster import accelerator_capacity, accelerators, connect
 
@@ -104,8 +106,12 @@ def generate_set(cfg: Config, out_dir: str, *, num_images: int, class_balance: s
     shard_size = cfg.scale.shard_size
     provenance = {"generator": spec_provenance(spec), "num_images": num_images, "class_balance": class_balance,
                   "shard_size": shard_size, "keep_full_resolution": cfg.scale.keep_full_resolution}
-    fp = fingerprint(provenance)
-    claim(out_dir, fp, what="generate", restart=restart, record=SPEC_FILE, body=provenance)
+    identity = {"generator": spec_identity(spec), **{k: v for k, v in provenance.items() if k != "generator"}}
+    fp = fingerprint(identity)
+    shas = (provenance["generator"]["encoder_sha256"], provenance["generator"]["unet_sha256"])
+    legacy_fp = legacy.set_fingerprint(spec, shas, num_images, class_balance, shard_size, cfg.scale.keep_full_resolution)
+    claim(out_dir, fp, what="generate", restart=restart, record=SPEC_FILE, body=provenance, aliases=(legacy_fp,),
+          identity=flatten(identity))
     if imageset.is_complete(out_dir):
         log.info("generate: %s is complete (%d images), skipped", out_dir, num_images)
         return imageset.read_meta(out_dir)

@@ -1,9 +1,10 @@
-"""Stage: steps 2 and 4 on Ray Tune: OptunaSearch (seeded multivariate TPE, its study in SQLite
-in the run directory) + HyperBandScheduler (or ASHA) over IS, UGS and the checkpoint epoch.
+"""Stage: steps 2 and 4 on Ray Tune: seeded multivariate TPE told each trial's outcome, and
+synchronous HyperBand (or ASHA), over IS, UGS and the checkpoint epoch (:mod:`raysd.stages.tuning`).
 
 Each trial is :func:`raysd.stages.search_trial.search_trial` with the resources of the config.
-The results are read back from Tune's ResultGrid (not from Optuna's study, which misses trials
-stopped while paused), the study is rebuilt from them, and the outputs are written by
+The checkpoints a search may use are listed once, from their records (their weights are verified
+where a trial loads them). The results are read back from Tune's ResultGrid; each trial's state in
+the sampler's own study (``optuna.db``) is written beside what Tune saw, and the outputs by
 :mod:`raysd.run.search_outputs` (``best.json`` last).
 """
 
@@ -23,54 +24,61 @@ from raysd.core.search_space import (SearchSpace, TrialReport, best_trial, miles
 from raysd.data import checkpoints as ck
 from raysd.data import storage
 from raysd.errors import RaysdError
-from raysd.run.rundir import Run, claim
+from raysd.run.rundir import Run, check_claim, claim
 from raysd.run.scores import SearchBest
 from raysd.run.search_outputs import write_outputs
 from raysd.stages.cluster import connect
 from raysd.stages.prepare import ensure_prepared
 from raysd.stages.search_trial import STATE_FILE, TrialContext, search_trial
-from raysd.stages.tuning import INFORMED_BY, TrialLogger, live_limit, make_scheduler, make_searcher, run_tuner
+from raysd.stages.tuning import (INFORMED_BY, STUDY_AT_SUGGESTION, TRIAL_INDEX, TrialLogger, load_study,
+                                 make_search, outcome, run_tuner)
 
 log = logging.getLogger("raysd")
 
 
 def search(cfg: Config, phase: int, *, restart: bool = False) -> SearchBest:
-    """Run (or resume, or return the finished) search of ``phase``."""
+    """Run (or resume, or return the finished) search of ``phase``. A search made with other
+    settings is refused in one line naming them (``restart`` replaces it), before anything is written."""
     if phase not in (1, 2):
         raise RaysdError(f"search: --phase must be 1 or 2; got {phase}")
     run = Run(cfg)
+    run.check_preset()
     device = connect(cfg)
-    run.save_config()
-    ensure_prepared(run)
     out = run.search_dir(phase)
-    space, fixed = _space(run, phase)
-    fp = _fingerprint(run, phase, space, fixed)
+    space, fixed = _space(run, phase)  # refuses a run without checkpoints, before anything is written
+    ensure_prepared(run)
+    ident = _identity(run, phase, space, fixed)
     best_path = storage.join(out, "best.json")
-    if storage.exists(best_path) and storage.read_json(best_path).get("fingerprint") == fp and not restart:
-        log.info("search %d: already complete in %s", phase, out)
-        return SearchBest.from_json(storage.read_json(best_path))
-    claim(out, fp, what=f"search {phase}", restart=restart, record="search.json")
+    if storage.exists(best_path) and not restart:
+        best = storage.read_json(best_path)
+        if best.get("fingerprint") in (ident["fp"], *ident["aliases"]):
+            log.info("search %d: already complete in %s", phase, out)
+            return SearchBest.from_json(best)
+    check_claim(out, **ident, what=f"search {phase}", restart=restart, record="search.json")
+    run.save_config()
+    claim(out, **ident, what=f"search {phase}", restart=restart, record="search.json")
     grid = _fit(trial_context(run, phase, fixed, device), space, out)
-    trials = [_trial_report(r) for r in grid]
+    trials = _with_study_states(sorted((_trial_report(r) for r in grid), key=lambda t: t.index or 0), out)
     if len(trials) != cfg.search.num_trials:
         raise RuntimeError(f"search {phase}: {len(trials)} trials, planned {cfg.search.num_trials}")
-    return _summarize(run, phase, space, fixed, trials, grid, fp, device)
+    return _summarize(run, phase, space, fixed, trials, grid, ident["fp"], device)
 
 
 def _space(run: Run, phase: int) -> tuple[SearchSpace, dict[str, Any]]:
-    enc = ck.valid_epochs(run.ckpt_root("encoder"))
+    """The search space and what a phase holds fixed, from the checkpoints' records (read once)."""
+    enc = ck.recorded_epochs(run.ckpt_root("encoder"))
     if not enc:
         raise RaysdError(f"search: no Class-Encoder checkpoints in {run.ckpt_root('encoder')}; "
                          "run `raysd train-encoder` first")
     if phase == 1:
-        if enc != list(range(1, enc[-1] + 1)):
-            raise RaysdError(f"search 1: encoder checkpoints {enc} have gaps (damaged epochs); retrain them")
-        return phase1_space(run.cfg, enc[-1]), {"module": "encoder"}
+        if sorted(enc) != list(range(1, max(enc) + 1)):
+            raise RaysdError(f"search 1: encoder checkpoints {sorted(enc)} have gaps (damaged epochs); retrain them")
+        return phase1_space(run.cfg, max(enc)), {"module": "encoder"}
     p1 = storage.join(run.search_dir(1), "best.json")
     if not storage.exists(p1):
         raise RaysdError("search 2: needs search 1's result (search_1/best.json); run `raysd search --phase 1` first")
     best1 = storage.read_json(p1)
-    unet = ck.valid_epochs(run.ckpt_root("unet"))
+    unet = ck.recorded_epochs(run.ckpt_root("unet"))
     if not unet:
         raise RaysdError(f"search 2: no UNet checkpoints in {run.ckpt_root('unet')}; run `raysd finetune` first")
     made_with = {ck.read_meta(ck.epoch_dir(run.ckpt_root("unet"), e)).get("encoder_epoch") for e in unet}
@@ -78,14 +86,26 @@ def _space(run: Run, phase: int) -> tuple[SearchSpace, dict[str, Any]]:
         raise RaysdError(f"search 2: the UNet checkpoints were fine-tuned with encoder epoch(s) {sorted(made_with)}, "
                          f"search 1 chose {best1['encoder_epoch']}; run `raysd finetune --encoder-epoch "
                          f"{best1['encoder_epoch']} --restart`")
-    return phase2_space(run.cfg, best1, unet[-1]), {"module": "unet", "encoder_epoch": best1["encoder_epoch"]}
+    if best1["encoder_epoch"] not in enc:
+        raise RaysdError(f"search 2: search 1 chose encoder epoch {best1['encoder_epoch']}, which has no checkpoint")
+    return phase2_space(run.cfg, best1, max(unet)), {"module": "unet", "encoder_epoch": best1["encoder_epoch"]}
 
 
-def _fingerprint(run: Run, phase: int, space: SearchSpace, fixed: dict[str, Any]) -> str:
-    cfg = run.cfg
-    return fingerprint({"phase": phase, "space": space.to_dict(), "fixed": fixed, "search": cfg.search.__dict__,
-                        "cas": cfg.cas.__dict__, "sampling": cfg.sampling.scheduler, "seed": cfg.seed,
-                        "train": run.training_hash("unet" if phase == 2 else "encoder", fixed.get("encoder_epoch"))})
+def _identity(run: Run, phase: int, space: SearchSpace, fixed: dict[str, Any]) -> dict[str, Any]:
+    """claim()'s identity arguments for a search: its fingerprint (the settings that determine the
+    search, its space, the checkpoints it searches by their weights' checksums, the data and the
+    base), the fingerprint an earlier raysd gave the same search, and the settings behind it."""
+    from raysd.run import legacy
+
+    settings = run.settings_identity(f"search_{phase}")
+    module = run.ckpt_root("unet" if phase == 2 else "encoder")
+    searched = {str(e): ck.weights_sha(ck.epoch_dir(module, e)) for e in range(space.min_epoch, space.max_epoch + 1)}
+    body = {"phase": phase, "space": space.to_dict(), "fixed": fixed, "settings": settings, "checkpoints": searched,
+            "data": run.train_meta["provenance"].get("fingerprint"), "base": run.base_identity()}
+    if phase == 2:
+        body["encoder_sha256"] = ck.weights_sha(ck.epoch_dir(run.ckpt_root("encoder"), int(fixed["encoder_epoch"])))
+    return {"fp": fingerprint(body), "aliases": (legacy.search_fingerprint(run.cfg, phase, space.to_dict(), fixed),),
+            "identity": settings}
 
 
 def max_concurrent(cfg: Config, device: str) -> int:
@@ -100,7 +120,8 @@ def max_concurrent(cfg: Config, device: str) -> int:
 
 
 def trial_context(run: Run, phase: int, fixed: dict[str, Any], device: str) -> TrialContext:
-    """What every trial receives: the run and the real splits it may read (test: objective=test only)."""
+    """What every trial receives: the run, the real splits it may read (test: objective=test only)
+    and the checkpoints it may use with their recorded checksums (no trial reads another record)."""
     cfg = run.cfg
     val = run.read_split("val")
     test = run.read_split("test") if cfg.search.objective == "test" else None
@@ -108,9 +129,13 @@ def trial_context(run: Run, phase: int, fixed: dict[str, Any], device: str) -> T
     r = cfg.resources
     # trials that share a small CPU machine get one thread per reserved CPU; a lone trial may use more
     threads = max(1, int(r.cpus_per_trial)) if running > 1 else (r.torch_threads or max(1, int(r.cpus_per_trial)))
+    checkpoints = {"encoder": ck.recorded_epochs(run.ckpt_root("encoder"))}
+    if phase == 2:
+        checkpoints["unet"] = ck.recorded_epochs(run.ckpt_root("unet"))
     return TrialContext(run=run, phase=phase, fixed=fixed, device=device, val=(val.images, val.labels),
                         num_classes=val.num_classes, test=(test.images, test.labels) if test is not None else None,
-                        milestones=sorted(milestones(cfg)), threads=threads)
+                        milestones=sorted(milestones(cfg)), threads=threads, checkpoints=checkpoints,
+                        base_identity=run.base_identity())
 
 
 def _fit(ctx: TrialContext, space: SearchSpace, out: str) -> Any:
@@ -119,14 +144,20 @@ def _fit(ctx: TrialContext, space: SearchSpace, out: str) -> Any:
     resources = {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial if ctx.device == "cuda" else 0}
     trainable = tune.with_resources(tune.with_parameters(search_trial, ctx=ctx), resources)
     running = min(max_concurrent(cfg, ctx.device), s.num_trials)
-    sqlite = f"sqlite:///{os.path.join(storage.local_path(out), 'optuna.db')}" if storage.is_local(out) else None
-    searcher = make_searcher(space.distributions(), seed=cfg.seed, concurrent=running, storage_url=sqlite,
-                             study_name=f"raysd-search-{ctx.phase}")
-    log.info("search %d: %d trials (%d at once, %s, objective %s) over %s", ctx.phase, s.num_trials, running,
-             s.scheduler, s.objective, space.to_dict())
-    return run_tuner(trainable, out, searcher=searcher, scheduler=make_scheduler(s, cfg.cas.max_epochs),
-                     num_samples=s.num_trials, max_live=live_limit(s, cfg.cas.max_epochs, running),
+    searcher, scheduler = make_search(space.distributions(), s, max_t=cfg.cas.max_epochs, seed=cfg.seed,
+                                      capacity=running, study_name=study_name(ctx.phase),
+                                      export_to=storage.join(out, STUDY_FILE))
+    log.info("search %d: %d trials (%d at once, %s, objective %s) over %s; the sampler's study: %s", ctx.phase,
+             s.num_trials, running, s.scheduler, s.objective, space.to_dict(), storage.join(out, STUDY_FILE))
+    return run_tuner(trainable, out, searcher=searcher, scheduler=scheduler, num_samples=s.num_trials,
                      max_failures=r.max_failures, callbacks=[TrialLogger()])
+
+
+STUDY_FILE = "optuna.db"
+
+
+def study_name(phase: int) -> str:
+    return f"raysd-search-{phase}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,10 +168,26 @@ def _trial_report(result) -> TrialReport:  # noqa: ANN001 - ray.tune.Result
     df = result.metrics_dataframe
     rows = df.to_dict("records") if df is not None else []
     trial_id = (result.metrics or {}).get("trial_id") or os.path.basename(str(result.path))
-    status = "error" if result.error else ("full" if rows and rows[-1].get("finished") else "stopped early")
-    return trial_from_rows(str(trial_id), result.config, rows, status,
+    return trial_from_rows(str(trial_id), result.config, rows, outcome(rows[-1] if rows else None, bool(result.error)),
                            error=str(result.error).splitlines()[0] if result.error else None,
-                           informed_by=result.config.get(INFORMED_BY))
+                           informed_by=result.config.get(INFORMED_BY), index=result.config.get(TRIAL_INDEX),
+                           study_at_suggestion=result.config.get(STUDY_AT_SUGGESTION))
+
+
+def _with_study_states(trials: list[TrialReport], out: str) -> list[TrialReport]:
+    """Each trial's state and value in the study the sampler suggested from (``optuna.db``)."""
+    path = storage.join(out, STUDY_FILE)
+    if not storage.exists(path):
+        log.warning("search: %s is missing (the search was interrupted after its last trial); trials.csv leaves "
+                    "the study's states out", path)
+        return trials
+    phase = int(os.path.basename(out.rstrip("/")).rsplit("_", 1)[-1])
+    by_id = {t.user_attrs.get("tune_trial_id"): t for t in load_study(path, study_name(phase)).trials}
+    for t in trials:
+        st = by_id.get(t.trial_id)
+        t.study_state = st.state.name.lower() if st is not None else "missing"
+        t.study_value = st.value if st is not None else None
+    return trials
 
 
 def _summarize(run: Run, phase: int, space: SearchSpace, fixed: dict[str, Any], trials: list[TrialReport], grid,

@@ -1,7 +1,10 @@
 """One search trial as Ray Tune runs it: its images (generated with the trial's IS, UGS and
-checkpoint epoch, cached on disk by their parameters), then ResNet20 epochs with a report after
+checkpoint epoch, cached on disk by what decides them), then ResNet20 epochs with a report after
 each (and a checkpoint where the scheduler may pause or stop it), via the Ray-free
-:func:`raysd.core.search_space.run_trial`."""
+:func:`raysd.core.search_space.run_trial`. A trial restored from a checkpoint reports that
+checkpoint's result again before anything else (the scheduler's protocol, :mod:`raysd.stages.tuning`).
+A trial reads no checkpoint record: the context carries the checksums the search read once; a
+trial whose images are cached reads no checkpoint at all."""
 
 from __future__ import annotations
 
@@ -24,7 +27,8 @@ from raysd.data import checkpoints as ck
 from raysd.data import storage
 from raysd.data.models import load_generator
 from raysd.faults import maybe_fail
-from raysd.run.generators import resolve_spec
+from raysd.run import legacy
+from raysd.run.generators import spec_for, spec_identity
 from raysd.run.rundir import Run
 
 STATE_FILE = "trial_state.pt"
@@ -44,6 +48,8 @@ class TrialContext:
     test: tuple[np.ndarray, np.ndarray] | None = None  # objective=test only
     milestones: list[int] = field(default_factory=list)  # epochs with a checkpoint (the schedulers' rungs)
     threads: int = 1  # torch threads of a CPU trial
+    checkpoints: dict[str, dict[int, str]] = field(default_factory=dict)  # kind -> {epoch: weights SHA-256}
+    base_identity: str = ""  # the base model's identity (by content), for the image cache's key
 
 
 def search_trial(config: dict[str, Any], ctx: TrialContext) -> None:
@@ -68,10 +74,13 @@ def search_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         if metrics["epoch"] in miles or metrics["finished"]:
             # Tune copies the checkpoint to the run directory inside report(); then the local copy goes
             with tempfile.TemporaryDirectory(prefix="raysd-trial-", dir=ck.tmp_root()) as local:
-                torch.save(state, os.path.join(local, STATE_FILE))
+                torch.save({**state, "metrics": metrics}, os.path.join(local, STATE_FILE))
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(local))
         else:
             tune.report(metrics)
+
+    if restored is not None and restored.get("metrics"):
+        report({**restored["metrics"], "resumed": True}, restored)  # where it stands: wait, go on or stop
 
     run_trial(params, images_fn=lambda p: trial_images(ctx, p, device), val_split=ctx.val, num_classes=ctx.num_classes,
               cfg=cfg, device=device, report=report, restored=restored, test_split=ctx.test,
@@ -82,14 +91,22 @@ def _has_gpu() -> bool:
     return bool(ray.get_gpu_ids())
 
 
-def trial_spec(run: Run, phase: int, fixed: dict[str, Any], params: dict[str, Any]) -> GeneratorSpec:
-    """The generator of a trial: phase 1 searches encoder epochs (base UNet), phase 2 UNet epochs."""
+def trial_spec(ctx: TrialContext, params: dict[str, Any]) -> GeneratorSpec:
+    """The generator of a trial (phase 1 searches encoder epochs with the base UNet, phase 2 UNet
+    epochs with the frozen encoder), from the context alone: no checkpoint or record is read."""
     steps, ugs = int(params["num_inference_steps"]), float(params["guidance_scale"])
-    if phase == 1:
-        return resolve_spec(run, num_inference_steps=steps, guidance_scale=ugs, encoder_epoch=int(params["epoch"]),
-                            use_unet=False)
-    return resolve_spec(run, num_inference_steps=steps, guidance_scale=ugs, encoder_epoch=int(fixed["encoder_epoch"]),
-                        unet_epoch=int(params["epoch"]))
+    if ctx.phase == 1:
+        return spec_for(ctx.run, encoder_epoch=int(params["epoch"]), unet_epoch=None, num_inference_steps=steps,
+                        guidance_scale=ugs)
+    return spec_for(ctx.run, encoder_epoch=int(ctx.fixed["encoder_epoch"]), unet_epoch=int(params["epoch"]),
+                    num_inference_steps=steps, guidance_scale=ugs)
+
+
+def _shas(ctx: TrialContext, params: dict[str, Any]) -> tuple[str, str | None]:
+    """The trial's checkpoints' weights checksums, as the search read them from their records."""
+    if ctx.phase == 1:
+        return ctx.checkpoints["encoder"][int(params["epoch"])], None
+    return ctx.checkpoints["encoder"][int(ctx.fixed["encoder_epoch"])], ctx.checkpoints["unet"][int(params["epoch"])]
 
 
 def trial_images(ctx: TrialContext, params: dict[str, Any], device: str) -> tuple[np.ndarray, np.ndarray, float]:
@@ -98,24 +115,28 @@ def trial_images(ctx: TrialContext, params: dict[str, Any], device: str) -> tupl
     from safetensors.torch import save as st_save
 
     cfg = ctx.run.cfg
-    spec = trial_spec(ctx.run, ctx.phase, ctx.fixed, params)
+    spec = trial_spec(ctx, params)
     n = cfg.search.num_images
-    key = fingerprint([spec.to_dict(), n])
-    path = storage.join(ctx.run.search_dir(ctx.phase), "images", f"{key}.safetensors")
-    info_path = path.replace(".safetensors", ".json")
-    if storage.exists(info_path):
+    folder = storage.join(ctx.run.search_dir(ctx.phase), "images")
+    identity = spec_identity(spec, shas=_shas(ctx, params), base=ctx.base_identity)
+    path = storage.join(folder, f"{fingerprint([identity, n])}.safetensors")
+    # images an earlier raysd cached for the same trial (keyed by the whole spec) are used too
+    for cached in (path, storage.join(folder, f"{legacy.trial_images_key(spec, n)}.safetensors")):
+        info_path = cached.replace(".safetensors", ".json")
+        if not storage.exists(info_path):
+            continue
         info = storage.read_json(info_path)
-        data = storage.read_bytes(path) if storage.exists(path) else b""
+        data = storage.read_bytes(cached) if storage.exists(cached) else b""
         if storage.sha256_bytes(data) == info.get("sha256"):
             t = st_load(data)
             return t["images"].numpy(), t["labels"].numpy(), float(info["seconds"])
-        print(f"[raysd] trial images {path} are damaged or missing: generating them again", flush=True)
+        print(f"[raysd] trial images {cached} are damaged or missing: generating them again", flush=True)
     plan = make_plan(n, class_counts(n, ctx.num_classes, "uniform"), cfg.seed)
     t0 = time.perf_counter()
     images = load_generator(spec, device).images(plan.labels, plan.seeds, batch_size=cfg.sampling.batch_size)
     seconds = time.perf_counter() - t0
     data = st_save({"images": torch.from_numpy(np.ascontiguousarray(images)), "labels": torch.from_numpy(plan.labels)})
     storage.write_bytes(path, data)
-    storage.write_json(info_path, {"seconds": seconds, "params": params, "num_images": n,
+    storage.write_json(path.replace(".safetensors", ".json"), {"seconds": seconds, "params": params, "num_images": n,
                                           "sha256": storage.sha256_bytes(data)})  # last: marks the cache entry
     return images, plan.labels, seconds

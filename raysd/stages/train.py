@@ -27,7 +27,7 @@ from raysd.data import checkpoints as ck
 from raysd.data import imageset, latents, storage
 from raysd.data.models import BASE_META, base_identity, is_pixel_space
 from raysd.errors import RaysdError
-from raysd.run.rundir import CLAIM, Run, claim
+from raysd.run.rundir import CLAIM, Run, check_claim, claim
 from raysd.stages.cluster import cluster_gpus, connect
 from raysd.stages.prepare import ensure_prepared, write_parquet_set
 from raysd.stages.train_worker import TrainJob, schedule_of, train_loop_per_worker
@@ -52,32 +52,57 @@ def step_config(cfg: Config, kind: str) -> TrainStepConfig:
 
 
 def train(cfg: Config, kind: str, *, encoder_epoch: int | None = None, restart: bool = False) -> list[int]:
-    """Run (or resume, or skip when complete) one training kind; returns its valid epochs."""
+    """Run (or resume, or skip when complete) one training kind; returns its valid epochs.
+
+    Checkpoints made with other settings are refused in one line naming them (``restart``
+    replaces them); that check comes before anything is written to the run directory."""
     if kind not in KINDS:
         raise RaysdError(f"training kind must be one of {KINDS}; got {kind!r}")
-    run = Run(cfg)
-    device = connect(cfg)
-    run.save_config()
-    ensure_prepared(run)
     if kind == "pretrain" and not cfg.model.base_model.startswith("tiny"):
         raise RaysdError("model.pretrain_steps > 0 pretrains a tiny base only; SD bases come pretrained")
+    run = Run(cfg)
+    run.check_preset()
+    device = connect(cfg)
+    root = run.ckpt_root(kind)
+    if _identity_known(run, kind):
+        e = _check_encoder_epoch(run, encoder_epoch) if kind == "unet" else None
+        check_claim(root, **_identity(run, kind, e), what=kind, restart=restart)
+    run.save_config()
+    ensure_prepared(run)
     base = cfg.model.base_model if kind == "pretrain" else ensure_base(run)
     if kind == "unet":
         encoder_epoch = _check_encoder_epoch(run, encoder_epoch)
-    root = run.ckpt_root(kind)
-    chash = run.training_hash(kind, encoder_epoch)
-    claim(root, chash, what=kind, restart=restart)
+    ident = _identity(run, kind, encoder_epoch)
+    claim(root, **ident, what=kind, restart=restart)
     step = step_config(cfg, kind)
     done = ck.valid_epochs(root)
     if done and done[-1] >= step.epochs:
         log.info("%s: all %d epochs already in %s", kind, step.epochs, root)
         return done
     cache = ensure_latent_cache(run, base, device)
-    _fit(TrainJob(run, kind, base, step, chash, encoder_epoch, device, cache))
+    _fit(TrainJob(run, kind, base, step, ident["fp"], encoder_epoch, device, cache, accepted_hashes=ident["aliases"]))
     done = ck.valid_epochs(root)
     if not done or done[-1] < step.epochs:
         raise RuntimeError(f"{kind}: training ended with epochs {done}, expected {step.epochs}")
     return done
+
+
+def _identity_known(run: Run, kind: str) -> bool:
+    """Whether what the checkpoints' identity depends on (data, base, encoder) exists already."""
+    if not run.is_prepared():
+        return False
+    if kind == "unet" and not ck.list_epochs(run.ckpt_root("encoder")):
+        return False
+    return kind == "pretrain" or run.cfg.model.pretrain_steps <= 0 or storage.exists(storage.join(run.base_dir,
+                                                                                                  BASE_META))
+
+
+def _identity(run: Run, kind: str, encoder_epoch: int | None) -> dict:
+    """claim()'s identity arguments for a training kind: its hash, the hash an earlier raysd gave the
+    same checkpoints, and the settings behind it (named when they differ)."""
+    stage = {"pretrain": "pretrain", "encoder": "train_encoder", "unet": "finetune"}[kind]
+    return {"fp": run.training_hash(kind, encoder_epoch), "aliases": (run.legacy_training_hash(kind, encoder_epoch),),
+            "identity": run.settings_identity(stage)}
 
 
 def ensure_base(run: Run) -> str:

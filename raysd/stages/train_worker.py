@@ -40,6 +40,7 @@ class TrainJob:
     encoder_epoch: int | None  # step 3: the frozen Class-Encoder's epoch
     device: str
     cache: str  # the latent cache (raysd.data.latents) every worker reads whole
+    accepted_hashes: tuple[str, ...] = ()  # the same settings as an earlier raysd hashed them (resumable too)
 
 
 def schedule_of(cfg: Config) -> NoiseSchedule:
@@ -134,7 +135,7 @@ def _resume(trainer: DiffusionTrainer, job: TrainJob) -> int:
         return 0
     directory = ck.epoch_dir(root, epoch)
     state, meta = ck.load_weights(directory)
-    if meta.get("config_hash") != job.config_hash:
+    if meta.get("config_hash") not in (job.config_hash, *job.accepted_hashes):
         raise RaysdError(f"checkpoint {directory} was made with other settings; use --restart")
     trainer.trainable.load_state_dict(state)
     opt_state, extra = ck.load_resume_state(root, epoch)

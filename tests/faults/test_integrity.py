@@ -79,7 +79,8 @@ def test_damaged_trial_image_cache_is_regenerated_not_used(run):
     cfg = run
     cfg.search.num_images = 12
     ctx = TrialContext(Run(cfg), 1, {}, "cpu", val=(np.zeros((1, 8, 8, 3), np.uint8), np.zeros(1, np.int64)),
-                       num_classes=4)
+                       num_classes=4, checkpoints={"encoder": ck.recorded_epochs(Run(cfg).ckpt_root("encoder"))},
+                       base_identity=Run(cfg).base_identity())
     params = {"num_inference_steps": 2, "guidance_scale": 1.5, "epoch": 1}
     images, labels, _ = trial_images(ctx, params, "cpu")
     cached = next((Path(Run(cfg).search_dir(1)) / "images").glob("*.safetensors"))
