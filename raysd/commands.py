@@ -42,6 +42,13 @@ def _preflight(cfg: Any) -> None:
     preflight(cfg, prepared=Run(cfg).is_prepared())
 
 
+def _locked(cfg: Any, command: str) -> Any:
+    """The run lock ``raysd run`` takes, for a stage command on the run directory."""
+    from raysd.run.locking import RunLock
+
+    return RunLock(cfg.run_dir, cfg.resources.lock_expiry_seconds, command=f"raysd {command}")
+
+
 def _require_run(cfg: Any, command: str) -> None:
     """Commands that continue a run (finetune, generate, search) need one: refuse before any work."""
     from raysd.data import storage
@@ -66,7 +73,7 @@ def cmd_train_encoder(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     _preflight(cfg)
-    with oom_as_error("train_encoder", cfg):
+    with _locked(cfg, "train-encoder"), oom_as_error("train_encoder", cfg):
         epochs = train(cfg, "encoder", restart=args.restart)
     print(f"class-encoder checkpoints: epochs {epochs} in {cfg.run_dir}/checkpoints/encoder")
     return 0
@@ -79,7 +86,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     _require_run(cfg, "finetune")
     _preflight(cfg)
-    with oom_as_error("finetune", cfg):
+    with _locked(cfg, "finetune"), oom_as_error("finetune", cfg):
         epochs = train(cfg, "unet", encoder_epoch=args.encoder_epoch, restart=args.restart)
     print(f"unet checkpoints: epochs {epochs} in {cfg.run_dir}/checkpoints/unet")
     return 0
@@ -106,7 +113,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     spec = resolve_spec(run, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                         encoder_epoch=args.encoder_epoch, unet_epoch=args.unet_epoch, scheduler=args.scheduler)
     out = run.synthetic_dir(name)
-    with oom_as_error("generate", cfg):
+    with _locked(cfg, "generate"), oom_as_error("generate", cfg):
         meta = generate_set(cfg, out, num_images=n, class_balance=args.class_balance or cfg.scale.class_balance,
                             spec=spec, restart=args.restart)
     print(f"{storage.local_path(out)}: {meta['num_rows']} images, counts per class {meta['counts_per_class']}")
@@ -157,7 +164,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             args.set.append(f"{key}={getattr(args, flag)}")
     cfg = config_from_args(args)
     _require_run(cfg, "search")
-    with oom_as_error(f"search_{args.phase}", cfg):
+    with _locked(cfg, "search"), oom_as_error(f"search_{args.phase}", cfg):
         best = search(cfg, args.phase, restart=args.restart).to_json()
     print(json.dumps({k: best[k] for k in ("phase", "num_inference_steps", "guidance_scale", "epoch", "encoder_epoch",
                                            "unet_epoch", "cas", "eval_split", "test_top1", "test_top5",

@@ -28,6 +28,7 @@ from raysd.config.loading import absolutize_paths
 from raysd.data import checkpoints as ck
 from raysd.data import storage
 from raysd.errors import RaysdError
+from raysd.run.locking import check_held
 from raysd.run.manifest import provenance, read_manifest, write_manifest
 from raysd.run.preflight import oom_as_error, preflight
 from raysd.run.rundir import PIPELINE_STAGES, Run, stage_settings
@@ -260,7 +261,7 @@ def run(config: Config, *, until: str | None = None, redo: bool = False) -> dict
     check_changes(the_run, read_manifest(cfg.run_dir), until=until, redo=redo)  # read only: nothing written yet
     preflight(cfg, prepared=the_run.is_prepared())  # before any Ray work: base, data, run dir, disk, GPU
     ensure_ray()
-    with RunLock(cfg.run_dir, cfg.resources.lock_expiry_seconds):
+    with RunLock(cfg.run_dir, cfg.resources.lock_expiry_seconds, command="raysd run"):
         manifest = read_manifest(cfg.run_dir)
         check_changes(the_run, manifest, until=until, redo=redo)  # again, now that no one else can change it
         the_run.save_config()
@@ -268,6 +269,7 @@ def run(config: Config, *, until: str | None = None, redo: bool = False) -> dict
         if manifest.get("key_scheme") != KEY_SCHEME:  # records of an earlier raysd, now with current keys
             manifest["key_scheme"] = KEY_SCHEME
             if manifest["stages"]:
+                check_held(cfg.run_dir)
                 write_manifest(cfg.run_dir, manifest)
         outputs: dict[str, Any] = {}
         for stage in STAGES:
@@ -372,6 +374,7 @@ def _run_stage(run: Run, stage: Stage, manifest: dict[str, Any], outputs: dict[s
              ("resumed" if rec else "started"))
     identity = stage.identity(run.cfg)
     manifest["stages"][stage.name] = {"status": "running", "key": key, "identity": identity, "started_at": time.time()}
+    check_held(run.root)  # a driver whose run lock was taken over stops before its next record
     write_manifest(run.root, manifest)
     t0 = time.perf_counter()
     with oom_as_error(stage.name, run.cfg):
@@ -379,6 +382,7 @@ def _run_stage(run: Run, stage: Stage, manifest: dict[str, Any], outputs: dict[s
     seconds = time.perf_counter() - t0
     manifest["stages"][stage.name] = {"status": "complete", "key": key, "identity": identity, "outputs": result,
                                       "seconds": seconds, "finished_at": time.time()}
+    check_held(run.root)
     write_manifest(run.root, manifest)
     outputs[stage.name] = result
     log.info("run: %s complete in %.1fs", stage.name, seconds)

@@ -61,7 +61,7 @@ ALLOWED = {  # what each layer may import from raysd
     "raysd": {"errors"}, "__main__": {"cli"}, "errors": set(), "faults": set(), "config": {"config", "errors"},
     "core": {"core", "config", "errors"},
     "data": {"data", "core", "config", "errors"},
-    "run": {"run", "data", "core", "config", "errors"},
+    "run": {"run", "data", "core", "config", "errors", "faults"},
     "stages": {"stages", "run", "data", "core", "config", "errors", "faults"},
     "pipeline": {"stages", "run", "data", "core", "config", "errors"},
     "commands": {"stages", "run", "data", "core", "config", "errors", "pipeline"},

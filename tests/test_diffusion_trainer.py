@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 
 from raysd.config import TrainStepConfig
@@ -63,3 +64,37 @@ def test_pretraining_reads_a_label_free_caption_context():
     before = module_digest(base.unet)
     t.run_epoch(1)
     assert module_digest(base.unet) != before
+
+
+def test_eight_ranks_split_23_images_at_batch_16_exactly_as_one_process():
+    """Data parallelism without Ray: 8 simulated ranks each take their share of a global batch (16
+    images, then the 7 left: rank 7 gets none) and their gradients are averaged as DDP does; the
+    loss (the ranks' squared-error sums over their terms) and the gradient equal one process's."""
+    step = TrainStepConfig(epochs=1, global_batch_size=16, lr=1e-2)
+    base, enc, data, _ = setup("unet")
+    data = TrainData(labels=data.labels[:23], mean=data.mean[:23], logvar=None)
+
+    def trainer(rank: int, world: int) -> DiffusionTrainer:
+        cfg = TrainerConfig(kind="unet", step=step, schedule=NoiseSchedule(), seed=0, rank=rank, world=world)
+        return DiffusionTrainer(cfg, unet=copy.deepcopy(base.unet), encoder=copy.deepcopy(enc), data=data,
+                                device=torch.device("cpu"))
+
+    one, ranks = trainer(0, 1), [trainer(r, 8) for r in range(8)]
+    order = one.epoch_order(1)
+    for batch in (order[:16], order[16:]):  # the epoch's two steps
+        loss, _, _, mean = one.step_terms(batch, torch.Generator().manual_seed(5))
+        one.opt.zero_grad()
+        loss.backward()
+        squared, terms, grads = 0.0, 0, None
+        for t in ranks:
+            part, sq, n, local = t.step_terms(batch, torch.Generator().manual_seed(5))  # every rank draws the same
+            assert local == local  # no NaN, also for the empty share
+            t.opt.zero_grad()
+            part.backward()
+            g = [p.grad / 8 for p in t.params]  # DDP averages the ranks' gradients
+            grads = g if grads is None else [a + b for a, b in zip(grads, g)]
+            squared, terms = squared + sq, terms + n
+        assert terms == len(batch) * data.mean[0].numel()
+        assert squared / terms == pytest.approx(mean, rel=1e-5)
+        for p, g in zip(one.params, grads):
+            torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-7)

@@ -70,24 +70,25 @@ def test_run_lock_is_a_lease(tmp_path):
 
     from raysd.run.locking import RunLock
 
-    lock = tmp_path / ".lock"
-
-    def held_by(**holder):
-        lock.write_text(json.dumps(holder))
+    def held_by(gen=1, **holder):
+        for old in tmp_path.glob(".lock*"):
+            old.unlink()
+        (tmp_path / f".lock.{gen}").write_text(json.dumps({"generation": gen, "beat": 0, **holder}))
 
     me = socket.gethostname()
-    held_by(pid=os.getppid(), host=me, heartbeat=time.time())  # a live process on this host
+    held_by(pid=os.getppid(), host=me, time=time.time())  # a live process on this host
     with pytest.raises(RaysdError, match="is in use by pid"):
         RunLock(str(tmp_path)).__enter__()
-    held_by(pid=2**31 - 5, host=me, heartbeat=time.time())  # a dead one: taken over at once
-    with RunLock(str(tmp_path)):
-        assert json.loads(lock.read_text())["pid"] == os.getpid()
-    assert not lock.exists()
-    held_by(pid=1, host="head-pod-7", heartbeat=time.time() - 10)  # another host, beating: refused
+    held_by(pid=2**31 - 5, host=me, time=time.time())  # a dead one: taken over at once
+    with RunLock(str(tmp_path)) as held:
+        assert held.gen == 2 and json.loads((tmp_path / ".lock.2").read_text())["pid"] == os.getpid()
+        assert not (tmp_path / ".lock.1").exists()
+    assert not list(tmp_path.glob(".lock*"))
+    held_by(pid=1, host="head-pod-7", time=time.time() - 10)  # another host, recent by its clock: refused
     with pytest.raises(RaysdError, match="on head-pod-7 .*heartbeat 10s ago"):
         RunLock(str(tmp_path), expiry_s=60).__enter__()
-    held_by(pid=1, host="head-pod-7", heartbeat=time.time() - 120)  # its heartbeat expired: taken over
-    with RunLock(str(tmp_path), expiry_s=60) as held:
-        first = json.loads(lock.read_text())["heartbeat"]
-        held._beat()
-        assert json.loads(lock.read_text())["heartbeat"] >= first and json.loads(lock.read_text())["host"] == me
+    held_by(pid=1, host="head-pod-7", time=time.time() - 120, expiry_s=2.0)  # old, and not beating while watched
+    t0 = time.monotonic()
+    with RunLock(str(tmp_path), expiry_s=2.0) as held:
+        assert time.monotonic() - t0 >= 1.4  # it watched the heartbeat (1.5 renewal periods) before taking over
+        assert json.loads((tmp_path / ".lock.2").read_text())["host"] == me

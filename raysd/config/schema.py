@@ -271,8 +271,9 @@ class ResourcesConfig:
                                       "accelerators before it fails", gt=0, affects=OPERATIONAL)
     max_failures: int = setting(3, "Ray Train / Tune retries of a failed worker or trial (from its checkpoint)", ge=0, affects=OPERATIONAL)
     shared_storage: bool = setting(False, "a local run_dir is on a filesystem every node mounts at that path", affects=OPERATIONAL)
-    lock_expiry_seconds: float = setting(300.0, "a run lock whose holder's heartbeat is older than this is taken "
-                                         "over from any host (the holder renews it every fifth of this)", gt=0, affects=OPERATIONAL)
+    lock_expiry_seconds: float = setting(300.0, "a run lock whose holder on another host has not renewed it for "
+                                         "this long (watched from here) is taken over (the holder renews it every "
+                                         "fifth of this)", gt=0, affects=OPERATIONAL)
 
     def train_workers(self, kind: str, device: str) -> int:
         """Ray Train's data-parallel workers for training ``kind`` on ``device`` ("cpu" or "cuda")."""

@@ -189,12 +189,20 @@ class DiffusionTrainer:
             else None
         return out
 
-    def train_step(self, batch: torch.Tensor, g: torch.Generator) -> float:
-        """One optimizer step on the global batch ``batch`` (sample indices); this rank computes its
-        share ``batch[rank::world]``. Returns this rank's loss."""
+    def step_terms(self, batch: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, float, int, float]:
+        """This rank's part of one step on the global batch ``batch`` (sample indices): its share is
+        ``batch[rank::world]``. Returns (what to backpropagate, the sum of its squared errors, how
+        many terms that sum has, its mean). With several ranks the backpropagated term is the sum
+        over the global batch's term count, times ``world``: data parallelism averages the ranks'
+        gradients, so their mean is the gradient of the global batch's mean loss exactly, however
+        the batch splits, also when a rank's share is empty (it then runs one sample weighted 0,
+        so it still takes part). One process backpropagates the plain mean, bit for bit as ever."""
         c = self.cfg
         draws = self._draws(len(batch), g)
-        mine = slice(c.rank, None, c.world)
+        mine = torch.arange(c.rank, len(batch), c.world)
+        empty = len(mine) == 0
+        if empty:
+            mine = torch.zeros(1, dtype=torch.long)
         idx = batch[mine].to(self.device)
         share = {k: v[mine].to(self.device) if v is not None else None for k, v in draws.items()}
         x0 = self.data.mean[idx]
@@ -208,14 +216,27 @@ class DiffusionTrainer:
                             enabled=c.autocast_dtype is not None):
             ctx = self._context(idx, share["drop"])
             pred = self.unet_fn(x_t, t, encoder_hidden_states=ctx.to(x_t.dtype)).sample
-        loss = F.mse_loss(pred.float(), target)
+        if c.world == 1:
+            loss = F.mse_loss(pred.float(), target)
+            mean = float(loss.detach())
+            return loss, mean * target.numel(), int(target.numel()), mean
+        squared = (pred.float() - target).pow(2).sum() * (0.0 if empty else 1.0)
+        terms = 0 if empty else int(target.numel())
+        per_sample = int(target[0].numel())
+        local = float(squared.detach())
+        return squared * (c.world / (len(batch) * per_sample)), local, terms, local / max(terms, 1)
+
+    def train_step(self, batch: torch.Tensor, g: torch.Generator) -> tuple[float, int, float]:
+        """One optimizer step on the global batch ``batch``; returns this rank's (sum of squared
+        errors, terms, mean): the step's mean loss is the ranks' sums divided."""
+        loss, squared, terms, mean = self.step_terms(batch, g)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, c.step.grad_clip_norm)
+        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.step.grad_clip_norm)
         self.opt.step()
         self.sched.step()
         self.step += 1
-        return float(loss.detach())
+        return squared, terms, mean
 
     # -- one epoch -----------------------------------------------------------------------------
 
@@ -224,20 +245,24 @@ class DiffusionTrainer:
         return torch.randperm(len(self.data), generator=g)
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
-        """Train epoch ``epoch`` (1-based); returns this worker's mean loss, images and seconds."""
+        """Train epoch ``epoch`` (1-based); returns this worker's mean of its step losses, its sum of
+        squared errors and term count (across workers the epoch's loss is the sums divided: every
+        term of the epoch weighs the same, a partial last batch included), images and seconds."""
         t0 = time.perf_counter()
         order = self.epoch_order(epoch)
         c = self.cfg
         g = torch.Generator().manual_seed(derive_seed(c.seed, c.kind, "steps", epoch))  # same on every rank
         b = c.step.global_batch_size
-        losses = []
-        images = 0
+        squared, terms, images, means = 0.0, 0, 0, []
         cycle = c.step.steps_per_epoch is not None  # a set step count cycles the data; else one pass
         for s in range(self.steps_per_epoch):
             batch = order[torch.arange(s * b, (s + 1) * b) % len(order)] if cycle else order[s * b : (s + 1) * b]
-            losses.append(self.train_step(batch, g))
+            sq, n, mean = self.train_step(batch, g)
+            squared, terms = squared + sq, terms + n
+            means.append(mean)
             images += len(batch[c.rank :: c.world])
-        return {"loss": float(np.mean(losses)), "images": images, "seconds": time.perf_counter() - t0}
+        return {"loss": float(np.mean(means)), "loss_sum": squared, "loss_terms": terms, "images": images,
+                "seconds": time.perf_counter() - t0}
 
     # -- resume state --------------------------------------------------------------------------
 

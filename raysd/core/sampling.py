@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
@@ -106,16 +106,27 @@ def generate(base: BaseModel, encoder: ClassEncoder, labels: np.ndarray | torch.
         raise ValueError(f"generate: labels must lie in 0..{encoder.num_classes - 1}")
     sizes = [out_size] + ([full_size] if full_size else [])
     out: list[list[np.ndarray]] = [[] for _ in sizes]
-    for lo, hi in _batches(len(labels), batch_size):
+    # a batch that ran out of CUDA memory was split: later batches (also later calls on this
+    # model, e.g. the next shard of a generation actor) start at the size that fitted
+    bs = min(batch_size, base.batch_limit or batch_size)
+    lo = 0
+    while lo < len(labels):
+        hi = min(len(labels), lo + bs)
         lab, sds = labels[lo:hi], seeds[lo:hi]
         if pad_to and len(lab) < pad_to:
             extra = pad_to - len(lab)
             lab = torch.cat([lab, lab[-1:].repeat(extra)])
             sds = np.concatenate([sds, np.repeat(sds[-1:], extra)])
-        for acc, imgs in zip(out, _generate_batch(base, encoder, lab, sds, params, schedule, sizes)):
+        images, fitted = _generate_batch(base, encoder, lab, sds, params, schedule, sizes)
+        if fitted < len(lab):
+            bs = base.batch_limit = fitted
+            log.warning("generate: batches of %d from now on (CUDA out of memory at %d); set sampling.batch_size=%d",
+                        fitted, len(lab), fitted)
+        for acc, imgs in zip(out, images):
             acc.append(imgs[: hi - lo])
         if progress is not None:
             progress(hi - lo)
+        lo = hi
     result = [np.concatenate(acc) if acc else np.zeros((0, *_pair(sz), 3), np.uint8) for acc, sz in zip(out, sizes)]
     return (result[0], result[1]) if full_size else result[0]
 
@@ -124,22 +135,17 @@ def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else tuple(size)  # type: ignore[return-value]
 
 
-def _batches(n: int, batch_size: int) -> Iterator[tuple[int, int]]:
-    for lo in range(0, n, max(1, batch_size)):
-        yield lo, min(n, lo + batch_size)
-
-
-def _generate_batch(base, encoder, labels, seeds, params, schedule, sizes) -> list[np.ndarray]:
+def _generate_batch(base, encoder, labels, seeds, params, schedule, sizes) -> tuple[list[np.ndarray], int]:
+    """The batch's images, and the largest part that ran at once (smaller than the batch when CUDA
+    ran out of memory and the batch was split in halves)."""
     try:
         x = base.decode(sample_latents(base, encoder, labels, seeds, params, schedule))
-        return [model_to_uint8(x, size).cpu().numpy() for size in sizes]
+        return [model_to_uint8(x, size).cpu().numpy() for size in sizes], len(labels)
     except torch.cuda.OutOfMemoryError:
         if len(labels) <= 1:
             raise RaysdError("generate: CUDA out of memory with a batch of 1; use a smaller model or resolution") from None
         torch.cuda.empty_cache()
         half = len(labels) // 2
-        log.warning("generate: CUDA out of memory at batch %d; splitting into %d + %d (set sampling.batch_size=%d)",
-                    len(labels), half, len(labels) - half, half)
-        a = _generate_batch(base, encoder, labels[:half], seeds[:half], params, schedule, sizes)
-        b = _generate_batch(base, encoder, labels[half:], seeds[half:], params, schedule, sizes)
-        return [np.concatenate([u, v]) for u, v in zip(a, b)]
+        a, fa = _generate_batch(base, encoder, labels[:half], seeds[:half], params, schedule, sizes)
+        b, fb = _generate_batch(base, encoder, labels[half:], seeds[half:], params, schedule, sizes)
+        return [np.concatenate([u, v]) for u, v in zip(a, b)], min(fa, fb)

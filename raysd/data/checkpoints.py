@@ -97,7 +97,9 @@ def write_resume(root: str, epoch: int, *, optimizer_state: dict[str, Any], extr
     files = {OPT_FILE: _save_tensors(storage.join(d, OPT_FILE), tensors), OPT_JSON: storage.sha256_bytes(text)}
     storage.write_json(storage.join(d, RESUME_JSON), {"epoch": epoch, "weights_sha256": weights_sha, "files": files})
     older = [e for e in _epochs_in(storage.join(root, RESUME), RESUME_JSON) if e <= epoch - keep]
-    for e in older:
+    unfinished = [e for e in _epochs_in(storage.join(root, RESUME), None) if e < epoch and e not in
+                  _epochs_in(storage.join(root, RESUME), RESUME_JSON)]  # cut short before their record
+    for e in older + unfinished:
         storage.remove(resume_dir(root, e))
 
 
@@ -202,11 +204,12 @@ def is_resumable(root: str, epoch: int) -> bool:
         return False
 
 
-def _epochs_in(root: str, record: str) -> list[int]:
+def _epochs_in(root: str, record: str | None) -> list[int]:
+    """Epoch directories under ``root`` holding ``record`` (None: every epoch directory)."""
     out = []
     for name in storage.listdir(root):
         m = _EPOCH_RE.match(name)
-        if m and storage.exists(storage.join(root, name, record)):
+        if m and (record is None or storage.exists(storage.join(root, name, record))):
             out.append(int(m.group(1)))
     return sorted(out)
 
@@ -256,6 +259,42 @@ def tmp_root() -> str | None:
 
 
 def local_tmpdir(prefix: str = "raysd-ckpt-") -> str:
+    """A local staging directory named with this process's pid and start time (see :func:`sweep_tmpdirs`)."""
     import tempfile
 
-    return tempfile.mkdtemp(prefix=prefix, dir=tmp_root())
+    return tempfile.mkdtemp(prefix=f"{prefix}{owner_tag()}-", dir=tmp_root())
+
+
+def owner_tag() -> str:
+    """'pid.start-time' of this process: names its staging directories, so a sweep knows their owner."""
+    import psutil
+
+    return f"{os.getpid()}.{int(psutil.Process().create_time())}"
+
+
+_OWNED = re.compile(r"^raysd-[a-z]+-(\d+)\.(\d+)-")
+
+
+def sweep_tmpdirs() -> list[str]:
+    """Remove the staging directories (``raysd-ckpt-*``, ``raysd-trial-*``) of processes on this node
+    that are gone (a worker killed between writing a checkpoint and Ray uploading it); returns them."""
+    import shutil
+    import tempfile
+
+    import psutil
+
+    root = tmp_root() or tempfile.gettempdir()
+    gone = []
+    for name in os.listdir(root) if os.path.isdir(root) else []:
+        m = _OWNED.match(name)
+        if not m:
+            continue
+        pid, started = int(m.group(1)), int(m.group(2))
+        try:
+            alive = int(psutil.Process(pid).create_time()) == started
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            alive = False
+        if not alive:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            gone.append(name)
+    return gone

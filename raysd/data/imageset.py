@@ -204,6 +204,25 @@ def read_set(set_dir: str, *, verify: bool = True) -> ImageSet:
     return ImageSet(images=images, labels=labels, sample_ids=sids, meta=meta)
 
 
+def first_per_class(set_dir: str, per_class: int, classes: int | None = None) -> list[np.ndarray]:
+    """Up to ``per_class`` images of each class (the first by sample_id order within each shard),
+    reading shards one at a time, verified, and only until every class has them: what a report
+    shows of a set of any size, without loading the set."""
+    meta = read_meta(set_dir)
+    n_cls = int(meta["num_classes"]) if classes is None else classes
+    shape = tuple(meta["image_shape"])
+    got: list[list[np.ndarray]] = [[] for _ in range(n_cls)]
+    for name, info in sorted(meta["files"].items()):
+        _, labels, images = table_to_arrays(read_shard(storage.join(set_dir, name), info), shape)  # type: ignore[arg-type]
+        for c in range(n_cls):
+            need = per_class - len(got[c])
+            if need > 0:
+                got[c].extend(images[np.flatnonzero(labels == c)[:need]])
+        if all(len(g) >= per_class for g in got):
+            break
+    return [np.stack(g) if g else np.zeros((0, *shape), np.uint8) for g in got]
+
+
 def counts_per_class(labels: np.ndarray, num_classes: int) -> list[int]:
     return np.bincount(np.asarray(labels, np.int64), minlength=num_classes).astype(int).tolist()
 

@@ -261,7 +261,7 @@ def load_class_encoder(directory: str) -> ClassEncoder:
     return encoder
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=1)  # one generator per process: a reused Tune actor must not hold several SD copies
 def _load_models(base: str, resolution: int, encoder_dir: str, unet_dir: str | None, precision: str, seed: int,
                  compile: bool, fuse_qkv: bool, tiny_decoder: str | None, device: str) -> tuple[BaseModel, ClassEncoder]:
     dtype = weights_dtype(precision, device)

@@ -1,7 +1,8 @@
 """Paths that are local directories or URIs of a pyarrow filesystem (``s3://``, ``gs://``, ``file://``).
 
-Plain paths use the operating system directly; every URI goes through pyarrow (``file://`` too,
-so the pyarrow path is the one tested locally). Object stores do not move directories and
+Plain paths use the operating system directly; every URI goes through pyarrow for reading and
+listing (``file://`` too, so the pyarrow path is the one tested locally), while writes to a local
+disk, ``file://`` included, always take a temporary name and an atomic replace. Object stores do not move directories and
 their only atomic unit is the object, so raysd never renames a directory: a set, checkpoint or
 base is written file by file into its final place and committed by a record written last
 (``meta.json``, ``checkpoint.json``, ``raysd_base.json``); readers ignore what no record lists,
@@ -148,8 +149,10 @@ def read_json(path: str) -> Any:
 
 def write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see either nothing or all of it: a temporary
-    name and an atomic replace locally; one PUT on an object store (no copy, no delete)."""
-    if _native(path):
+    name and an atomic replace on a local disk (``file://`` too); one PUT on an object store (no
+    copy, no delete)."""
+    if is_local(path):
+        path = local_path(path)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = f"{path}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         with open(tmp, "wb") as f:
@@ -159,8 +162,6 @@ def write_bytes(path: str, data: bytes) -> None:
         os.replace(tmp, path)
         return
     fs, p = _fs(path)
-    if is_local(path):
-        fs.create_dir(os.path.dirname(p), recursive=True)
     with fs.open_output_stream(p) as f:
         f.write(data)
 
@@ -177,9 +178,11 @@ write_json = write_json
 
 def put_file(local_file: str, dest: str, chunk: int = 64 << 20) -> str:
     """Copy a local file to ``dest`` in chunks (a model's weights never need to fit in memory
-    twice); returns its SHA-256. Locally: a copy under a temporary name, then the atomic replace."""
+    twice); returns its SHA-256. Locally (``file://`` too): a copy under a temporary name, then the
+    atomic replace."""
     h = hashlib.sha256()
-    if _native(dest):
+    if is_local(dest):
+        dest = local_path(dest)
         os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
         tmp = f"{dest}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         with open(local_file, "rb") as src, open(tmp, "wb") as out:
@@ -191,8 +194,6 @@ def put_file(local_file: str, dest: str, chunk: int = 64 << 20) -> str:
         os.replace(tmp, dest)
         return h.hexdigest()
     fs, p = _fs(dest)
-    if is_local(dest):
-        fs.create_dir(os.path.dirname(p), recursive=True)
     with open(local_file, "rb") as src, fs.open_output_stream(p) as out:
         for block in iter(lambda: src.read(chunk), b""):
             h.update(block)

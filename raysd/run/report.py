@@ -92,21 +92,21 @@ def fig_scaling(res: dict[str, Any]):
     return fig
 
 
-def _first_per_class(s: imageset.ImageSet, k: int, classes: int) -> list[np.ndarray]:
-    return [s.images[np.flatnonzero(s.labels == c)[:k]] for c in range(classes)]
-
-
 def fig_samples(cfg: Config, res: dict[str, Any], per_class: int = 6, max_classes: int = 20):
+    """Real and generated images side by side, a row per class: only the shards that hold them are
+    read (a report of a 900,000-image set loads a shard or two, not the set)."""
     import matplotlib.pyplot as plt
 
     gen_dir = (res.get("generation") or {}).get("set") or _largest_synthetic(cfg)
     if gen_dir is None or not imageset.is_complete(gen_dir):
         return None
-    real, gen = Run(cfg).read_split("train"), imageset.read_set(gen_dir)
-    n_cls = min(real.num_classes, max_classes)
-    rows_r, rows_g = _first_per_class(real, per_class, n_cls), _first_per_class(gen, per_class, n_cls)
+    run = Run(cfg)
+    n_cls = min(run.num_classes, max_classes)
+    rows_r = imageset.first_per_class(run.split_dir("train"), per_class, n_cls)
+    rows_g = imageset.first_per_class(gen_dir, per_class, n_cls)
+    class_names = run.train_meta["class_names"]
     fig, axes = plt.subplots(n_cls, 2, figsize=(2 * per_class * 0.55 + 1.5, 0.6 * n_cls + 0.6), squeeze=False)
-    h, w = real.images.shape[1:3]
+    h, w = run.image_size
     for c in range(n_cls):
         for j, rows in enumerate((rows_r, rows_g)):
             strip = np.zeros((h, w * per_class, 3), np.uint8)
@@ -117,7 +117,7 @@ def fig_samples(cfg: Config, res: dict[str, Any], per_class: int = 6, max_classe
             ax.set_xticks([])
             ax.set_yticks([])
             if j == 0:
-                ax.set_ylabel(real.class_names[c][:14], rotation=0, ha="right", va="center", fontsize=7)
+                ax.set_ylabel(class_names[c][:14], rotation=0, ha="right", va="center", fontsize=7)
             if c == 0:
                 ax.set_title(["real", "generated"][j], fontsize=9)
     fig.tight_layout()

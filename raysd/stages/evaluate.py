@@ -202,6 +202,18 @@ def cas_of_generator(cfg: Config, spec: GeneratorSpec, num_images: int, balance:
     return res
 
 
+def early_room(cfg: Config, device: str) -> int | None:
+    """How many classifiers may start while generation runs: on accelerators, those the generation
+    pool leaves free (the pool grows to every accelerator the cluster has or can get, so usually
+    none: a classifier started early would hold one the pool waits for); on CPUs, no limit."""
+    if device == "cpu":
+        return None
+    from raysd.stages.cluster import accelerator_capacity, accelerators
+
+    pool = cfg.resources.generation_actors or max(1, accelerator_capacity(cfg))
+    return max(0, int(accelerators(cfg)) - pool)
+
+
 def real_splits_from_dataset(name: str, data_dir: str | None, download: bool) -> tuple[tuple, tuple, int]:
     """(val, test, num_classes) straight from a dataset loader (no run directory needed)."""
     from raysd.data.sources import load_dataset
@@ -243,11 +255,19 @@ class PrefixStarter:
     def __init__(self, run: Run, set_dir: str, prefix_counts: list[list[int]]):
         self.run, self.set_dir, self.prefix_counts = run, set_dir, prefix_counts
         self.scorer: Scorer | None = None
-        self.started: set[int] = {0} if connect(run.cfg) == "cpu" else set()  # 0: the real training split
+        device = connect(run.cfg)
+        self.started: set[int] = {0} if device == "cpu" else set()  # 0: the real training split
+        self.room = early_room(run.cfg, device)
+        if self.room == 0:
+            log.info("cas: every accelerator generates: the classifiers start when the generation ends")
 
     def __call__(self, shards: dict[int, tuple[str, str, int]]) -> None:
+        if self.room == 0:
+            return
         self.scorer = self.scorer or Scorer(self.run.cfg, len(self.prefix_counts) + 1)
         for i, piece in enumerate(scaling_slices(self.run, self.set_dir, self.prefix_counts, shards)):
+            if self.room is not None and len(self.started) >= self.room:
+                return  # the rest wait for the scaling stage (on resume every prefix may be complete at once)
             if piece is not None and i not in self.started:
                 self.scorer.start(piece)
                 self.started.add(i)

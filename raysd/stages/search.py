@@ -24,6 +24,7 @@ from raysd.core.search_space import (SearchSpace, TrialReport, best_trial, miles
 from raysd.data import checkpoints as ck
 from raysd.data import storage
 from raysd.errors import RaysdError
+from raysd.run.locking import check_held
 from raysd.run.rundir import Run, check_claim, claim
 from raysd.run.scores import SearchBest
 from raysd.run.search_outputs import write_outputs
@@ -206,6 +207,7 @@ def _summarize(run: Run, phase: int, space: SearchSpace, fixed: dict[str, Any], 
         generation_seconds=best.generation_seconds, images_per_second=best.images_per_second,
         trial_id=best.trial_id, epochs_run=best.epochs_run, num_trials=len(trials),
         num_full_budget=sum(t.finished for t in trials), space=space.to_dict(), fingerprint=fp)
+    check_held(run.root)  # best.json commits the search: not by a driver whose run lock was taken over
     imp = write_outputs(run.search_dir(phase), trials, space, cfg.seed, body)
     log.info("search %d: best IS=%d UGS=%.3f epoch=%d: CAS %.4f (%s), test top-1 %.4f; importances %s", phase,
              body.num_inference_steps, body.guidance_scale, body.epoch, body.cas, body.eval_split, body.test_top1,

@@ -55,6 +55,7 @@ class TrialContext:
 def search_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     """The Tune function trainable: ``config`` holds the searched parameters."""
     cfg = ctx.run.cfg
+    ck.sweep_tmpdirs()  # what a trial killed here before left behind
     device = "cuda" if ctx.device == "cuda" and _has_gpu() else "cpu"
     if device == "cpu":
         torch.set_num_threads(ctx.threads)
@@ -73,7 +74,7 @@ def search_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         metrics = {**metrics, "node": node}
         if metrics["epoch"] in miles or metrics["finished"]:
             # Tune copies the checkpoint to the run directory inside report(); then the local copy goes
-            with tempfile.TemporaryDirectory(prefix="raysd-trial-", dir=ck.tmp_root()) as local:
+            with tempfile.TemporaryDirectory(prefix=f"raysd-trial-{ck.owner_tag()}-", dir=ck.tmp_root()) as local:
                 torch.save({**state, "metrics": metrics}, os.path.join(local, STATE_FILE))
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(local))
         else:

@@ -51,6 +51,7 @@ def schedule_of(cfg: Config) -> NoiseSchedule:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     job: TrainJob = config["job"]
     cfg = job.run.cfg
+    ck.sweep_tmpdirs()  # what a worker killed here before left behind
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if job.device == "cuda" else torch.device("cpu")
@@ -78,7 +79,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(start + 1, job.step.epochs + 1):
         stats = trainer.run_epoch(epoch)
         maybe_fail(f"train_epoch_{epoch}")  # fault tests: the worker dies with this epoch trained, not saved
-        metrics = {"epoch": epoch, "loss": _mean_across_workers(stats["loss"], world, device),
+        metrics = {"epoch": epoch, "loss": stats["loss"] if world == 1 else _global_mean(stats["loss_sum"],
+                                                                                        stats["loss_terms"], device),
                    "images": stats["images"], "seconds": stats["seconds"], "step": trainer.step}
         if epoch == job.step.epochs and rank == 0 and frozen is not None:
             metrics.update(frozen_digest_start=digest_start, frozen_digest_end=ck.module_digest(frozen))
@@ -144,14 +146,13 @@ def _resume(trainer: DiffusionTrainer, job: TrainJob) -> int:
     return int(meta["epoch"])
 
 
-def _mean_across_workers(value: float, world: int, device: torch.device) -> float:
-    if world == 1:
-        return value
+def _global_mean(squared: float, terms: int, device: torch.device) -> float:
+    """The epoch's loss over every worker's terms (each worker's share may differ, or be empty)."""
     import torch.distributed as dist
 
-    t = torch.tensor([value], device=device, dtype=torch.float64)
+    t = torch.tensor([squared, float(terms)], device=device, dtype=torch.float64)
     dist.all_reduce(t)
-    return float(t.item()) / world
+    return float(t[0].item()) / max(float(t[1].item()), 1.0)
 
 
 def _checkpoint_meta(trainer: DiffusionTrainer, job: TrainJob, epoch: int, metrics: dict,
@@ -181,6 +182,7 @@ def _report_epoch(trainer: DiffusionTrainer, job: TrainJob, epoch: int, metrics:
                                   meta=_checkpoint_meta(trainer, job, epoch, metrics, encoder),
                                   dtype=cfg.encoder.checkpoint_dtype if job.kind == "encoder" else
                                   cfg.finetune.checkpoint_dtype)
+        maybe_fail(f"checkpoint_staged_{epoch}")  # fault tests: killed before Ray took the staged copy
         ck.write_resume(root, epoch, optimizer_state=trainer.opt.state_dict(), extra=trainer.resume_state(),
                         weights_sha=sha)
         checkpoint = Checkpoint.from_directory(local)

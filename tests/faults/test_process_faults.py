@@ -163,6 +163,24 @@ def test_train_worker_or_driver_killed_then_training_matches_an_undisturbed_run(
             np.testing.assert_allclose(wa[k].numpy(), wx[k].numpy(), rtol=1e-5, atol=1e-6, err_msg=(run, k))
 
 
+def test_a_worker_killed_with_a_staged_checkpoint_leaves_nothing_behind(tmp_path, private_ray_env):
+    """Fine-tuning's worker dies after staging epoch 1's checkpoint in its local temp root, before
+    Ray took it: the restarted worker removes what the dead one left, and the run completes."""
+    env, _ = private_ray_env
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    cfg = make_tiny_run(tmp_path, encoder_epochs=1, **{"finetune.epochs": 2, "finetune.steps_per_epoch": 2,
+                                                        "finetune.global_batch_size": 8, "resources.max_failures": 2,
+                                                        "resources.cpu_finetune_workers": 1, "model.null_class": False})
+    cmd = [sys.executable, "-m", "raysd", "finetune", "--run", cfg.run_dir, "--encoder-epoch", "1"]
+    r = subprocess.run(cmd, env={**fault_env(env, tmp_path, "checkpoint_staged_1"), "RAYSD_TMPDIR": str(staging)},
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "fired-checkpoint_staged_1").exists()  # the worker really died holding a staged copy
+    assert ck.valid_epochs(Run(cfg).ckpt_root("unet")) == [1, 2]
+    assert not list(staging.glob("raysd-*")), list(staging.iterdir())
+
+
 # --------------------------------------------------------------------------------------------
 # A Tune trial process killed: the trial retries from its checkpoint; the search keeps its plan
 

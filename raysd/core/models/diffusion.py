@@ -69,6 +69,7 @@ class BaseModel:
     source: str
     tiny_decoder: Any | None = None  # diffusers.AutoencoderTiny decoding in place of the VAE (an option)
     scheduler_config: dict[str, Any] | None = None  # the base's scheduler/scheduler_config.json, when it has one
+    batch_limit: int | None = None  # the sampling batch that fitted after a CUDA out-of-memory here (sampling.py)
 
     @property
     def cross_attention_dim(self) -> int:
