@@ -1,9 +1,11 @@
-"""Memory of one training step of steps 1 and 3 on the SD2-base architecture (random weights), at
-128 px (16x16 latents), measured as the process's peak RSS on the CPU, against raysd's estimate
-(raysd.core.memory), and the GPU memory the estimate gives for the paper's batch sizes.
+"""Memory of one training step of steps 1 and 3 (full, and through a LoRA adapter) on the SD2-base
+architecture (random weights), at 128 px (16x16 latents), measured as the process's peak RSS on
+the CPU, against raysd's estimate (raysd.core.memory), and the GPU memory the estimate gives for
+the paper's batch sizes.
 
     python benchmarks/memory.py                    # measures batch 1 and 4, fp32, on the CPU
-    python benchmarks/memory.py --one KIND BATCH   # one measurement (what the table runs per row)
+    python benchmarks/memory.py --one KIND BATCH   # one measurement (what the table runs per row;
+                                                   # KIND: encoder, unet or lora)
 
 Each measurement runs in a fresh process (the peak RSS of a process never goes down). The
 activation bytes per sample are the slope between the two batch sizes.
@@ -25,11 +27,13 @@ GB = 1024**3
 
 
 def one(kind: str, batch: int, checkpointing: bool) -> dict:
-    """Peak RSS (bytes) after two training steps of ``kind`` at ``batch``."""
+    """Peak RSS (bytes) after two training steps of ``kind`` (encoder, unet, or lora: step 3 through a
+    rank-8 adapter on the attention projections) at ``batch``."""
     import torch
 
     from raysd.config import TrainStepConfig
     from raysd.core.diffusion_trainer import DiffusionTrainer, TrainData, TrainerConfig
+    from raysd.core.lora import LoraSpec, add_lora
     from raysd.core.models import ClassEncoder
     from raysd.core.models.diffusion import NoiseSchedule, build_random
 
@@ -38,14 +42,19 @@ def one(kind: str, batch: int, checkpointing: bool) -> dict:
     base.vae = None
     if checkpointing:
         base.unet.enable_gradient_checkpointing()
+    if kind == "lora":
+        add_lora(base.unet, LoraSpec(8, 8.0))
     enc = ClassEncoder(10, 77, 1024)
     n = 2 * batch
     data = TrainData(labels=torch.arange(n) % 10, mean=torch.randn(n, 4, 16, 16), logvar=torch.zeros(n, 4, 16, 16))
     step = TrainStepConfig(epochs=1, global_batch_size=batch, lr=1e-5, steps_per_epoch=2)
-    trainer = DiffusionTrainer(TrainerConfig(kind=kind, step=step, schedule=NoiseSchedule(), scaling_factor=0.18215),
+    trainer = DiffusionTrainer(TrainerConfig(kind="unet" if kind == "lora" else kind, step=step,
+                                             schedule=NoiseSchedule(), scaling_factor=0.18215, adapter=kind == "lora"),
                                unet=base.unet, encoder=enc, data=data, device=torch.device("cpu"))
     trainer.run_epoch(1)
-    params = {"unet": sum(p.numel() for p in base.unet.parameters()), "encoder": sum(p.numel() for p in enc.parameters())}
+    params = {"unet": sum(p.numel() for n, p in base.unet.named_parameters() if "lora_" not in n),
+              "encoder": sum(p.numel() for p in enc.parameters()),
+              "adapter": sum(p.numel() for n, p in base.unet.named_parameters() if "lora_" in n)}
     return {"kind": kind, "batch": batch, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, **params}
 
 
@@ -67,23 +76,26 @@ def main() -> None:
     from raysd.core import memory
 
     rows = []
-    for kind in ("encoder", "unet"):
+    for kind in ("encoder", "unet", "lora"):
         lo, hi = (measure(kind, b) for b in args.batches)
         per_sample = (hi["peak"] - lo["peak"]) / (hi["batch"] - lo["batch"])
-        est = {b["batch"]: memory.training_need(kind, unet_params=b["unet"], encoder_params=b["encoder"], latent_side=16,
-                                                batch=b["batch"], bf16=False).bytes for b in (lo, hi)}
+        est = {b["batch"]: memory.PROCESS_BYTES + memory.training_need(
+            "unet" if kind == "lora" else kind, unet_params=b["unet"], encoder_params=b["encoder"], latent_side=16,
+            batch=b["batch"], bf16=False, adapter_params=b["adapter"]).bytes for b in (lo, hi)}
         for b in (lo, hi):
             rows.append([kind, b["batch"], f"{b['peak'] / GB:.2f}", f"{est[b['batch']] / GB:.2f}",
                          f"{per_sample / 2**20:.0f}", f"{per_sample / (b['unet'] * 256):.2e}"])
-    print(table("peak host memory of a training step, SD2-base at 16x16 latents, fp32, CPU",
-                ["step", "batch", "measured GB", "estimate GB", "activations MB/sample", "bytes/param/pixel"], rows))
+    print(table("peak host memory of a training step, SD2-base at 16x16 latents, fp32, CPU (estimate: the worker's, "
+                "with its process)", ["step", "batch", "measured GB", "estimate GB", "activations MB/sample",
+                                      "bytes/param/pixel"], rows))
     gpu = []
-    for kind, batch in (("encoder", 64), ("unet", 16)):
+    for kind, batch in (("encoder", 64), ("unet", 16), ("lora", 16)):
         for opts in ({}, {"checkpointing": True}, {"optimizer": "adamw_8bit"}, {"frozen_bf16": True}):
-            if (kind == "encoder" and "optimizer" in opts) or (kind == "unet" and "frozen_bf16" in opts):
+            if (kind != "unet" and "optimizer" in opts) or (kind != "encoder" and "frozen_bf16" in opts):
                 continue
-            need = memory.training_need(kind, unet_params=lo["unet"], encoder_params=lo["encoder"], latent_side=16,
-                                        batch=batch, bf16=True, **opts)
+            need = memory.training_need("unet" if kind == "lora" else kind, unet_params=lo["unet"],
+                                        encoder_params=lo["encoder"], latent_side=16, batch=batch, bf16=True,
+                                        adapter_params=lo["adapter"] if kind == "lora" else 0, **opts)
             gpu.append([kind, batch, ", ".join(f"{k}" for k in opts) or "paper settings (bf16 autocast)",
                         f"{need.gb():.1f}"])
     print()

@@ -48,7 +48,8 @@ def _other_value(cfg: Config, key: str):
     special = {"dataset.name": "cifar10", "model.base_model": "tiny-vae", "model.tiny_decoder": "random:taesd",
                "run_dir": "/tmp/elsewhere", "storage_endpoint": "http://127.0.0.1:9", "dataset.data_dir": "/mnt/data",
                "resources.accelerator": "TPU", "scale.scales": [1, 2, 3], "preset": "paper",
-               "model.beta_end": 0.02, "cas.min_lr": 1e-6, "search.max_inference_steps": 7, "model.resolution": 24}
+               "model.beta_end": 0.02, "cas.min_lr": 1e-6, "search.max_inference_steps": 7, "model.resolution": 24,
+               "finetune.lora_targets": ["to_q"]}
     if key in special:
         return special[key]
     args = typing.get_args(tp)

@@ -130,3 +130,42 @@ def test_worker_threads_never_oversubscribe_a_node():
     assert worker_threads(cores, 1.0, 1) == cores  # torch_threads, when the node has them
     assert worker_threads(cores, 1.0, 2) == max(1, cores // 2)  # two workers on the node share its cores
     assert worker_threads(4 * cores, 1.0, 1) == cores and worker_threads(None, 2.0, 4 * cores) == 1
+
+
+def test_lora_fine_tuning_keeps_an_adapter_of_its_base(tmp_path, npz, ray_session):
+    """finetune.method=lora: the checkpoints hold the adapter alone (with the base's identity), the
+    generator merges it into the base UNet, and an adapter is refused on another base."""
+    import json
+    import shutil
+
+    import numpy as np
+
+    from raysd.core.models.diffusion import build_tiny
+    from raysd.data.models import _load_models, load_generator
+    from raysd.run.generators import resolve_spec
+
+    from conftest import make_tiny_run
+
+    cfg = make_tiny_run(tmp_path, **{"finetune.method": "lora", "finetune.lora_rank": 4, "finetune.lr": 1e-2,
+                                     "finetune.epochs": 1, "finetune.steps_per_epoch": 3,
+                                     "finetune.global_batch_size": 8, "model.null_class": False,
+                                     "resources.cpu_finetune_workers": 1})
+    assert train(cfg, "unet", encoder_epoch=1) == [1]
+    root = Run(cfg).ckpt_root("unet")
+    state, meta = ck.load_weights(ck.epoch_dir(root, 1))
+    assert meta["adapter"]["method"] == "lora" and meta["adapter"]["rank"] == 4 and meta["base_identity"] == "tiny"
+    assert state and all("lora_" in k for k in state)
+    full = sum(p.numel() for p in build_tiny("tiny", 16, seed=0).unet.parameters())
+    assert sum(v.numel() for v in state.values()) < 0.05 * full  # an adapter, not a UNet
+    spec = resolve_spec(Run(cfg), num_inference_steps=3, guidance_scale=2.0)
+    assert spec.unet_dir and spec.unet_dir.endswith("epoch_001")
+    _load_models.cache_clear()
+    images = load_generator(spec, "cpu").images(np.array([0, 1, 2, 3]), np.arange(4), batch_size=4)
+    assert images.shape == (4, 8, 8, 3)
+    other = tmp_path / "other-base" / "epoch_001"  # the same adapter, said to be of another base
+    shutil.copytree(ck.epoch_dir(root, 1), other)
+    record = json.loads((other / ck.CKPT_JSON).read_text())
+    (other / ck.CKPT_JSON).write_text(json.dumps({**record, "base_identity": "raysd base sha256:0123456789abcdef"}))
+    _load_models.cache_clear()
+    with pytest.raises(RaysdError, match="a LoRA adapter of the base raysd base sha256:0123456789abcdef, not of tiny"):
+        _load_models("tiny", 16, spec.encoder_dir, str(other), "auto", 0, False, False, None, "cpu")

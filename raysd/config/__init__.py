@@ -9,10 +9,11 @@ from raysd.config.loading import (all_keys, apply_overrides, config_from_dict, f
                                   parse_set_flags, save_config)
 from raysd.config.presets import PRESETS
 from raysd.config.schema import (REGISTERED_DATASETS, CasConfig, Config, DatasetConfig, ModelConfig, ResourcesConfig,
-                                 SamplingConfig, ScaleConfig, SearchConfig, TrainStepConfig, fingerprint)
+                                 SamplingConfig, ScaleConfig, SearchConfig, TrainStepConfig, FinetuneConfig,
+                                 fingerprint)
 from raysd.config.validation import check_value, validate
 
 __all__ = ["PRESETS", "REGISTERED_DATASETS", "CasConfig", "Config", "DatasetConfig", "ModelConfig", "ResourcesConfig",
-           "SamplingConfig", "ScaleConfig", "SearchConfig", "TrainStepConfig", "all_keys", "apply_overrides",
+           "SamplingConfig", "ScaleConfig", "SearchConfig", "TrainStepConfig", "FinetuneConfig", "all_keys", "apply_overrides",
            "check_value", "config_from_dict", "fingerprint", "flatten", "load_config", "parse_set_flags",
            "save_config", "validate"]

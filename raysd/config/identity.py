@@ -24,10 +24,14 @@ def affected_stages(key: str, f: dataclasses.Field) -> tuple[str, ...]:
 
 
 def settings_identity(cfg: Config, stage: str) -> dict[str, Any]:
-    """{dotted key: value} of every setting that determines ``stage``'s output, as that stage
-    sees it (a view: e.g. generation depends only on the largest scale)."""
+    """{dotted key: value} of every setting that determines ``stage``'s output and is not at its
+    schema default, as that stage sees it (a view: e.g. generation depends only on the largest
+    scale). Settings at their defaults are left out, so a setting added to raysd later (its
+    default keeping what raysd did before) changes no key of an existing run. A default, once
+    released, is therefore never changed: a new behaviour is a new value, not a new default."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}")
+    defaults = schema_defaults()
     out: dict[str, Any] = {}
     for key, value, f in walk(cfg):
         if stage not in affected_stages(key, f):
@@ -36,8 +40,20 @@ def settings_identity(cfg: Config, stage: str) -> dict[str, Any]:
         if when is not None and not when(cfg):
             continue
         view = f.metadata.get("views", {}).get(stage)
-        out[key] = view(value) if view is not None else value
+        seen, default = (view(value), view(defaults[key])) if view is not None else (value, defaults[key])
+        if seen != default:
+            out[key] = seen
     return out
+
+
+_DEFAULTS: dict[str, Any] = {}
+
+
+def schema_defaults() -> dict[str, Any]:
+    """{dotted key: default} of the schema (the paper's settings)."""
+    if not _DEFAULTS:
+        _DEFAULTS.update({k: v for k, v, _ in walk(Config())})
+    return _DEFAULTS
 
 
 def operational_keys(cfg: Config | None = None) -> list[str]:
@@ -45,10 +61,11 @@ def operational_keys(cfg: Config | None = None) -> list[str]:
 
 
 def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """'key old -> new' for every setting whose value differs (or that one side lacks)."""
+    """'key old -> new' for every setting whose value differs (one an identity leaves out is at its default)."""
+    defaults = schema_defaults()
     out = []
     for key in sorted(set(old) | set(new)):
-        a, b = old.get(key, "(unset)"), new.get(key, "(unset)")
+        a, b = old.get(key, defaults.get(key, "(unset)")), new.get(key, defaults.get(key, "(unset)"))
         if a != b:
             out.append(f"{key} {_show(a)} -> {_show(b)}")
     return out

@@ -164,8 +164,32 @@ class TrainStepConfig:
                                                         "CUDA: a quarter of the moments' memory)", affects=TRAINED)
 
 
-def _finetune_defaults() -> TrainStepConfig:
-    return TrainStepConfig(epochs=10, global_batch_size=16, lr=1e-5)
+def _lora(cfg: Any) -> bool:
+    return cfg.finetune.method == "lora"
+
+
+def _targets_ok(value: list[str], cfg: Any) -> bool:
+    return len(value) >= 1 and all(v.strip() for v in value)
+
+
+@dataclass
+class FinetuneConfig(TrainStepConfig):
+    """Step 3: the UNet, whole (the paper) or through a LoRA adapter; AdamW + cosine decay per step."""
+
+    method: Literal["full", "lora"] = setting("full", "full: every UNet weight trains (the paper); lora: a low-rank "
+                                              "adapter on the attention projections (peft), checkpoints of a few MB "
+                                              "(a LoRA usually wants a larger finetune.lr, e.g. 1e-4)", affects=TRAINED)
+    lora_rank: int = setting(8, "LoRA rank r", ge=1, affects=TRAINED, when=_lora)
+    lora_alpha: float | None = setting(None, "LoRA alpha (scale alpha / r); none: equal to the rank", gt=0,
+                                       optional=True, affects=TRAINED, when=_lora)
+    lora_targets: list[str] = setting(help="UNet modules whose names end so get an adapter (diffusers' attention "
+                                      "projections)", factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+                                      check=_targets_ok, text="a non-empty list of module name endings",
+                                      affects=TRAINED, when=_lora)
+
+
+def _finetune_defaults() -> FinetuneConfig:
+    return FinetuneConfig(epochs=10, global_batch_size=16, lr=1e-5)
 
 
 @dataclass
@@ -255,7 +279,15 @@ class ResourcesConfig:
     cpus_per_worker: float = setting(1.0, "CPUs per Ray Train worker", ge=0, affects=OPERATIONAL)
     torch_threads: int | None = setting(None, "CPU threads per worker/trial; None: its CPU reservation", ge=1,
                                         optional=True, affects=OPERATIONAL)
-    gpus_per_trial: float = setting(1.0, "Ray Tune trial resources; fractional GPUs allowed", ge=0, affects=OPERATIONAL)
+    gpus_per_trial: float | None = setting(None, "share of a GPU per search trial or CAS classifier; none: as many "
+                                           "share one as fit its memory (resources.gpu_memory_gb), else a whole one",
+                                           ge=0, optional=True, affects=OPERATIONAL)
+    gpu_memory_gb: float | None = setting(None, "memory of one accelerator, GB; none: read on a GPU node (a custom "
+                                          "accelerator resource: no sharing unless set)", gt=0, optional=True,
+                                          affects=OPERATIONAL)
+    trial_memory_gb: float | None = setting(None, "host memory a search trial or CAS classifier asks Ray for, GB; "
+                                            "none: raysd's estimate (logged once per stage)", gt=0, optional=True,
+                                            affects=OPERATIONAL)
     cpus_per_trial: float = setting(1.0, "CPUs per Ray Tune trial", ge=0, affects=OPERATIONAL)
     cpu_generation_actors: int | None = setting(None, "generation actors when generating on CPUs (their threads "
                                                 "share the cluster's cores); None: CPUs // torch_threads", ge=1,
@@ -296,7 +328,7 @@ class Config:
     dataset: DatasetConfig = section(DatasetConfig)
     model: ModelConfig = section(ModelConfig)
     encoder: TrainStepConfig = section(TrainStepConfig, "step 1")
-    finetune: TrainStepConfig = section(_finetune_defaults, "step 3")
+    finetune: FinetuneConfig = section(_finetune_defaults, "step 3")
     sampling: SamplingConfig = section(SamplingConfig)
     cas: CasConfig = section(CasConfig)
     search: SearchConfig = section(SearchConfig)

@@ -92,6 +92,7 @@ class TrainerConfig:
     world: int = 1
     label_dropout: float = 0.0  # null-class substitution probability (CFG training)
     autocast_dtype: torch.dtype | None = None  # bf16/fp16 autocast on CUDA; None: fp32
+    adapter: bool = False  # the trained module carries an adapter (LoRA): only its weights train
 
 
 def pca_context_projection(mean: torch.Tensor, seq_len: int, dim: int, seed: int) -> CaptionContext:
@@ -142,7 +143,8 @@ class DiffusionTrainer:
             if m is not None and m is not trainable:
                 m.requires_grad_(False)
                 m.eval()
-        trainable.requires_grad_(True)
+        if not cfg.adapter:  # with an adapter, the adapter alone requires gradients (raysd.core.lora)
+            trainable.requires_grad_(True)
         trainable.train()
         self.trainable = trainable
         self.model = wrap(trainable) if wrap is not None else trainable

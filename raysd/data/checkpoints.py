@@ -20,7 +20,6 @@ import re
 from typing import Any
 
 import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import save_file
 
 from raysd.data import storage
@@ -136,11 +135,30 @@ def _read_verified(directory: str, name: str, sha: str) -> bytes:
     return data
 
 
-def _safetensors(data: bytes, where: str) -> dict[str, torch.Tensor]:
-    try:
-        return st_load(data)
-    except Exception as e:  # SafetensorError on a malformed header
-        raise RaysdError(f"checkpoint {where}: not a valid safetensors file ({e})") from None
+def _check_file(directory: str, name: str, sha: str) -> None:
+    """A listed file exists and matches its checksum (hashed in chunks, never held whole)."""
+    path = storage.join(directory, name)
+    if not storage.exists(path):
+        raise RaysdError(f"checkpoint {directory}: {name} is missing")
+    if storage.sha256_file(path) != sha:
+        raise RaysdError(f"checkpoint {directory}: {name} is damaged (SHA-256 mismatch: truncated or altered)")
+
+
+def _load_tensors(directory: str, name: str, sha: str) -> dict[str, torch.Tensor]:
+    """Safetensors verified against ``sha``: hashed in chunks, then loaded from the file (memory
+    mapped), so a 3.5 GB UNet costs its tensors once, not also a 3.5 GB bytes object."""
+    from safetensors.torch import load_file
+
+    path = storage.join(directory, name)
+    if not storage.exists(path):
+        raise RaysdError(f"checkpoint {directory}: {name} is missing")
+    with storage.local_copy(path) as local:
+        if storage.sha256_file(local) != sha:
+            raise RaysdError(f"checkpoint {directory}: {name} is damaged (SHA-256 mismatch: truncated or altered)")
+        try:
+            return load_file(local)
+        except Exception as e:  # SafetensorError on a malformed header
+            raise RaysdError(f"checkpoint {directory}: not a valid safetensors file ({e})") from None
 
 
 def load_weights(directory: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -149,7 +167,7 @@ def load_weights(directory: str) -> tuple[dict[str, torch.Tensor], dict[str, Any
     sha = meta["files"].get(MODEL_FILE)
     if sha is None:
         raise RaysdError(f"checkpoint {directory}: {CKPT_JSON} lists no {MODEL_FILE}")
-    state = _safetensors(_read_verified(directory, MODEL_FILE, sha), directory)
+    state = _load_tensors(directory, MODEL_FILE, sha)
     return {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}, meta
 
 
@@ -160,7 +178,7 @@ def load_resume_state(root: str, epoch: int) -> tuple[dict[str, Any], dict[str, 
     if meta is None:
         raise RaysdError(f"checkpoint {epoch_dir(root, epoch)}: no resume state in {d}")
     files = meta["files"]
-    tensors = _safetensors(_read_verified(d, OPT_FILE, files[OPT_FILE]), d)
+    tensors = _load_tensors(d, OPT_FILE, files[OPT_FILE])
     js = json.loads(_read_verified(d, OPT_JSON, files[OPT_JSON]))
     return optimizer_from_files(tensors, js), {k: v for k, v in js.items() if k not in ("param_groups", "scalars")}
 
@@ -183,7 +201,7 @@ def is_valid(directory: str) -> bool:
     try:
         meta = read_meta(directory)
         for name, sha in meta["files"].items():
-            _read_verified(directory, name, sha)
+            _check_file(directory, name, sha)
         return True
     except RaysdError:
         return False
@@ -198,7 +216,7 @@ def is_resumable(root: str, epoch: int) -> bool:
         return False
     try:
         for name, sha in meta["files"].items():
-            _read_verified(resume_dir(root, epoch), name, sha)
+            _check_file(resume_dir(root, epoch), name, sha)
         return True
     except RaysdError:
         return False

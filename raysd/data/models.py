@@ -16,7 +16,8 @@ import torch
 
 from raysd.core.generator import Generator, GeneratorSpec, apply_fast_paths
 from raysd.core.models.class_encoder import ClassEncoder
-from raysd.core.models.diffusion import RANDOM, TINY, BaseModel, NoiseSchedule, build_random, build_tiny
+from raysd.core.models.diffusion import (RANDOM, TINY, BaseModel, NoiseSchedule, build_random, build_tiny,
+                                         with_weights)
 from raysd.core.precision import weights_dtype
 from raysd.data import checkpoints as ck
 from raysd.data import storage
@@ -46,16 +47,20 @@ def is_local_model_dir(spec: str) -> bool:
 
 def load_base_model(spec: str, *, resolution: int, dtype: torch.dtype = torch.float32,
                     device: torch.device | str = "cpu", seed: int = 0,
-                    schedule: NoiseSchedule | None = None) -> BaseModel:
+                    schedule: NoiseSchedule | None = None, unet_state: dict[str, torch.Tensor] | None = None) -> BaseModel:
     """Load (or build, for ``tiny``) the base model; one clear error when it is unavailable.
 
     With ``schedule``, the base's own ``scheduler/scheduler_config.json`` (when it has one) must
     agree with it (betas, schedule, prediction type): a v-prediction base trained as epsilon would
-    be silently wrong, so a mismatch is refused in one line naming the setting to change."""
+    be silently wrong, so a mismatch is refused in one line naming the setting to change. With
+    ``unet_state`` (a fine-tuned UNet) the base's own UNet weights are not loaded at all."""
     if spec in TINY:
-        return build_tiny(spec, resolution, seed).to(device, dtype)
+        base = build_tiny(spec, resolution, seed)
+        if unet_state is not None:
+            base.unet.load_state_dict(unet_state)
+        return base.to(device, dtype)
     if spec in RANDOM:
-        return build_random(spec, resolution, seed).to(device, dtype)
+        return build_random(spec, resolution, seed, unet_state=unet_state).to(device, dtype)
     spec = resolve_base(spec)
     if storage.is_uri(spec):
         spec = fetch_base(spec)
@@ -63,7 +68,7 @@ def load_base_model(spec: str, *, resolution: int, dtype: torch.dtype = torch.fl
     if local.exists() and not is_local_model_dir(spec):
         raise RaysdError(f"base model {spec}: directory exists but has no unet/config.json "
                          "(expected a diffusers layout: unet/, vae/, scheduler/)")
-    base = _load_diffusers(str(local) if local.exists() else spec, resolution, dtype)
+    base = _load_diffusers(str(local) if local.exists() else spec, resolution, dtype, unet_state)
     if schedule is not None and base.scheduler_config:
         check_schedule(spec, base.scheduler_config, schedule)
     return base.to(device)
@@ -88,7 +93,8 @@ def _scheduler_config(spec: str, offline: bool) -> dict[str, Any] | None:
         return None
 
 
-def _load_diffusers(spec: str, resolution: int, dtype: torch.dtype) -> BaseModel:
+def _load_diffusers(spec: str, resolution: int, dtype: torch.dtype,
+                    unet_state: dict[str, torch.Tensor] | None = None) -> BaseModel:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.utils import is_accelerate_available
 
@@ -100,8 +106,12 @@ def _load_diffusers(spec: str, resolution: int, dtype: torch.dtype) -> BaseModel
         if problems:
             raise RaysdError(f"base model {problems[0]}")
     try:
-        unet = UNet2DConditionModel.from_pretrained(spec, subfolder="unet", torch_dtype=dtype, local_files_only=offline,
-                                                    **lean)
+        if unet_state is None:
+            unet = UNet2DConditionModel.from_pretrained(spec, subfolder="unet", torch_dtype=dtype,
+                                                        local_files_only=offline, **lean)
+        else:  # its architecture only: the fine-tuned weights take the place of the base's
+            config = UNet2DConditionModel.load_config(spec, subfolder="unet", local_files_only=offline)
+            unet = with_weights(lambda: UNet2DConditionModel.from_config(config), unet_state).to(dtype)
         vae = None
         if not is_dir or (Path(spec) / "vae" / "config.json").is_file():
             vae = AutoencoderKL.from_pretrained(spec, subfolder="vae", torch_dtype=dtype, local_files_only=offline,
@@ -265,14 +275,23 @@ def load_class_encoder(directory: str) -> ClassEncoder:
 def _load_models(base: str, resolution: int, encoder_dir: str, unet_dir: str | None, precision: str, seed: int,
                  compile: bool, fuse_qkv: bool, tiny_decoder: str | None, device: str) -> tuple[BaseModel, ClassEncoder]:
     dtype = weights_dtype(precision, device)
-    model = load_base_model(base, resolution=resolution, dtype=torch.float32, device="cpu", seed=seed)
+    ustate, umeta = ck.load_weights(unet_dir) if unet_dir else (None, {})
+    adapter = umeta.get("adapter")
+    if adapter is not None and umeta.get("base_identity") != base_content(base):
+        raise RaysdError(f"checkpoint {unet_dir}: a LoRA adapter of the base {umeta.get('base_identity')}, not of "
+                         f"{base_content(base)}; sample it with the base it was fine-tuned on")
+    # a fine-tuned UNet replaces the base's weights (never loaded beside them); an adapter merges into them
+    model = load_base_model(base, resolution=resolution, dtype=torch.float32, device="cpu", seed=seed,
+                            unet_state=None if adapter is not None else ustate)
+    if adapter is not None:
+        from raysd.core.lora import LoraSpec, merge_adapter
+
+        merge_adapter(model.unet, LoraSpec.from_json(adapter), ustate)
     encoder = load_class_encoder(encoder_dir)
     if encoder.dim != model.cross_attention_dim:
         raise RaysdError(f"checkpoint {encoder_dir}: Class-Encoder dim {encoder.dim} does not match the base UNet's "
                          f"cross_attention_dim {model.cross_attention_dim}")
-    if unet_dir:
-        ustate, _ = ck.load_weights(unet_dir)
-        model.unet.load_state_dict(ustate)
+    del ustate
     model.unet.eval()
     model.to(device, dtype)
     if tiny_decoder:

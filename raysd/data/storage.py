@@ -16,12 +16,13 @@ workers); credentials come from the usual AWS variables or the node's role.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import uuid
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow.fs as pafs
 
@@ -259,11 +260,34 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sha256_file(path: str) -> str:
+def sha256_file(path: str, chunk: int = 8 << 20) -> str:
+    """SHA-256 of a file read in chunks (a 3.5 GB checkpoint is never held whole)."""
+    h = hashlib.sha256()
     if _native(path):
-        h = hashlib.sha256()
         with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+            for block in iter(lambda: f.read(chunk), b""):
+                h.update(block)
         return h.hexdigest()
-    return sha256_bytes(read_bytes(path))
+    fs, p = _fs(path)
+    with fs.open_input_stream(p) as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def local_copy(path: str, chunk: int = 64 << 20) -> Iterator[str]:
+    """A local path holding the file at ``path``: the file itself on a local disk, else a temporary
+    download (copied in chunks, removed afterwards)."""
+    if is_local(path):
+        yield local_path(path)
+        return
+    import tempfile
+
+    fs, p = _fs(path)
+    with tempfile.TemporaryDirectory(prefix="raysd-fetch-") as tmp:
+        local = os.path.join(tmp, os.path.basename(p))
+        with fs.open_input_stream(p) as src, open(local, "wb") as out:
+            for block in iter(lambda: src.read(chunk), b""):
+                out.write(block)
+        yield local

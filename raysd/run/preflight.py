@@ -7,6 +7,7 @@ have what they need. Also the out-of-memory line a stage's failure becomes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -134,24 +135,30 @@ def check_dataset(cfg: Config) -> None:
 
 
 def model_sizes(cfg: Config) -> dict[str, int]:
-    """Parameter counts of the base UNet and VAE and of the Class-Encoder, without loading weights."""
+    """Parameter counts of the base UNet and VAE and of the Class-Encoder, without loading weights
+    (counted once per process and setting)."""
+    m = cfg.model
+    return dict(_model_sizes(m.base_model, m.resolution, m.hidden_dim, m.seq_len,
+                             100 if cfg.dataset.name == "cifar100" else 10))
+
+
+@functools.lru_cache(maxsize=8)
+def _model_sizes(spec: str, resolution: int, hidden_dim: int, seq_len: int, classes: int) -> dict[str, int]:
     import torch
 
     from raysd.core.models import diffusion as dm
 
-    spec = cfg.model.base_model
     with torch.device("meta"):
         if spec in ("tiny", "tiny-vae") or spec.startswith("random:") or spec.startswith("builtin:"):
-            base = (dm.build_random(spec, cfg.model.resolution) if spec.startswith("random:") else
-                    dm.build_tiny("tiny" if spec.startswith("builtin:") else spec, cfg.model.resolution))
+            base = (dm.build_random(spec, resolution) if spec.startswith("random:") else
+                    dm.build_tiny("tiny" if spec.startswith("builtin:") else spec, resolution))
             unet, vae = base.unet, base.vae
         else:
             unet, vae = _meta_modules(resolve_base(spec))
     count = (lambda m: sum(p.numel() for p in m.parameters()) if m is not None else 0)
     dim = unet.config.cross_attention_dim
     dim = int(dim[0] if isinstance(dim, (list, tuple)) else dim)
-    classes = 100 if cfg.dataset.name == "cifar100" else 10
-    encoder = classes * cfg.model.hidden_dim + cfg.model.hidden_dim + cfg.model.hidden_dim * cfg.model.seq_len * dim
+    encoder = classes * hidden_dim + hidden_dim + hidden_dim * seq_len * dim
     return {"unet": count(unet), "vae": count(vae), "encoder": encoder}
 
 

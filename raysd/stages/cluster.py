@@ -77,6 +77,33 @@ def accelerators(cfg: Config) -> float:
     return float(ray.cluster_resources().get(cfg.resources.accelerator, 0.0))
 
 
+def node_memory() -> list[float]:
+    """Ray's ``memory`` resource of each alive node, bytes (what workers' memory requests are scheduled against)."""
+    return [float(n.get("Resources", {}).get("memory", 0.0)) for n in ray.nodes() if n.get("Alive")]
+
+
+_CARD: dict[str, float | None] = {}
+
+
+def accelerator_memory(cfg: Config) -> float | None:
+    """Bytes of memory of one accelerator: ``resources.gpu_memory_gb``, else read once on a GPU node
+    (None for a custom accelerator resource, whose memory raysd cannot read)."""
+    r = cfg.resources
+    if r.gpu_memory_gb:
+        return r.gpu_memory_gb * 1024**3
+    if r.accelerator != "GPU":
+        return None
+    if "GPU" not in _CARD:
+        def card() -> float:
+            import torch
+
+            return float(torch.cuda.get_device_properties(0).total_memory)
+
+        _CARD["GPU"] = ray.get(ray.remote(num_gpus=1, num_cpus=0)(card).remote())
+        log.info("device: one GPU has %.1f GB of memory", _CARD["GPU"] / 1024**3)
+    return _CARD["GPU"]
+
+
 def accelerator_capacity(cfg: Config) -> int:
     """What the cluster has or can grow to: sizes pools and concurrency, not what happens to be up."""
     return max(int(accelerators(cfg)), cfg.resources.max_gpus or 0)

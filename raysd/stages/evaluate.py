@@ -27,7 +27,8 @@ from raysd.data import imageset, storage
 from raysd.errors import RaysdError
 from raysd.run.rundir import Run
 from raysd.run.scores import Score
-from raysd.stages.cluster import connect
+from raysd.run import sizing
+from raysd.stages.cluster import accelerator_memory, connect
 
 log = logging.getLogger("raysd")
 
@@ -99,7 +100,16 @@ def read_slice(piece: SetSlice) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
+def _on_this_worker(job: CasJob) -> CasJob:
+    """The job as this task runs it: on CUDA only when the task holds a GPU (a custom accelerator
+    resource, e.g. a test's stand-in, holds none)."""
+    if job.device == "cuda" and not ray.get_gpu_ids():
+        return CasJob(job.cas, job.num_classes, job.seed, "cpu", job.threads, job.precision)
+    return job
+
+
 def _set_task(job: CasJob, piece: SetSlice, val: tuple, test: tuple) -> Score:
+    job = _on_this_worker(job)
     if job.device == "cpu":
         torch.set_num_threads(max(1, job.threads))
     images, labels = read_slice(piece)
@@ -112,6 +122,7 @@ def _generator_task(job: CasJob, spec: GeneratorSpec, num_images: int, balance: 
                     val: tuple, test: tuple, batch_size: int) -> Score:
     from raysd.data.models import load_generator
 
+    job = _on_this_worker(job)
     if job.device == "cpu":
         torch.set_num_threads(max(1, job.threads))
     result, gen = generated_cas(load_generator(spec, job.device), num_images, balance, real_counts, val, test,
@@ -128,13 +139,22 @@ def _real(run: Run) -> tuple[tuple, tuple, int]:
 
 def _task(fn: Any, cfg: Config, device: str, parallel: int, num_classes: int, cas: CasConfig,
           max_calls: int = 0) -> tuple[Any, CasJob]:
-    """The remote function with the trial resources, and the job its tasks run. ``max_calls=1``
-    makes its worker exit after one call (Ray takes it only at ``ray.remote``, not in ``.options``)."""
+    """The remote function with the trial CPUs, and the job its tasks run (each call then asks for
+    its memory and GPU share: :func:`classifier_options`). ``max_calls=1`` makes its worker exit after one
+    call (Ray takes it only at ``ray.remote``, not in ``.options``)."""
     r = cfg.resources
     threads = int(r.cpus_per_trial) if parallel > 1 else (r.torch_threads or max(1, int(r.cpus_per_trial)))
     remote = ray.remote(max_calls=max_calls)(fn) if max_calls else ray.remote(fn)
-    task = remote.options(num_cpus=r.cpus_per_trial, num_gpus=r.gpus_per_trial if device == "cuda" else 0)
-    return task, CasJob(cas, num_classes, cfg.seed, device, max(1, threads), cfg.model.precision)
+    return remote, CasJob(cas, num_classes, cfg.seed, device, max(1, threads), cfg.model.precision)
+
+
+def classifier_options(task: Any, cfg: Config, device: str, need: sizing.WorkerNeed) -> Any:
+    """A classifier's task with what it asks Ray for: CPUs, host memory (its estimate or
+    resources.trial_memory_gb) and, on CUDA, the share of a GPU that its card memory allows."""
+    r = cfg.resources
+    gpus = sizing.gpus_per_worker(cfg, need, accelerator_memory(cfg)) if device == "cuda" else 0.0
+    share = ({"num_gpus": gpus} if r.accelerator == "GPU" else {"resources": {r.accelerator: gpus}}) if gpus else {}
+    return task.options(num_cpus=r.cpus_per_trial, memory=sizing.host_memory_request(cfg, need), **share)
 
 
 class Scorer:
@@ -149,13 +169,22 @@ class Scorer:
         if val is None or test is None or num_classes is None:
             val, test, num_classes = _real(Run(cfg))
         cas = CasConfig(**{**cfg.cas.__dict__, **({"variant": variant} if variant else {})})
+        self.cfg, self.said, self.held_out = cfg, False, len(val[1]) + len(test[1])
         self.task, self.job = _task(_set_task, cfg, device, parallel, num_classes, cas)
         self.val_ref, self.test_ref = ray.put(val), ray.put(test)
 
     def start(self, piece: SetSlice) -> Any:
         key = (piece, repr(self.job))
         if key not in Scorer._started:
-            Scorer._started[key] = self.task.remote(self.job, piece, self.val_ref, self.test_ref)
+            images = sum(rows for _, _, rows in piece.shards)
+            need = sizing.classifier_task(self.cfg, self.job.device, images=images, side=max(piece.image_shape[:2]),
+                                          held_out=self.held_out)
+            if not self.said:
+                log.info("cas: %s for %d images (estimate, for the largest set it is asked for more)",
+                         need.describe(), images)
+                self.said = True
+            Scorer._started[key] = classifier_options(self.task, self.cfg, self.job.device, need).remote(
+                self.job, piece, self.val_ref, self.test_ref)
         return Scorer._started[key]
 
     def collect(self, pieces: list[SetSlice]) -> list[Score]:
@@ -196,7 +225,9 @@ def cas_of_generator(cfg: Config, spec: GeneratorSpec, num_images: int, balance:
         finally:
             torch.set_num_threads(threads)  # the task sets the driver's to the job's
     else:
-        res = ray.get(task.remote(*args))
+        need = sizing.classifier_task(cfg, device, images=num_images, side=max(run.image_size),
+                                      held_out=len(val[1]) + len(test[1]))
+        res = ray.get(classifier_options(task, cfg, device, need).remote(*args))
     log.info("cas: %d generated images (IS %d, UGS %.3g): top-1 %.4f, top-5 %.4f, %.1f img/s", num_images,
              spec.num_inference_steps, spec.guidance_scale, res.top1, res.top5, res.images_per_second)
     return res

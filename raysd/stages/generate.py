@@ -35,7 +35,8 @@ from raysd.run import legacy
 from raysd.run.generators import spec_identity, spec_provenance
 from raysd.run.locking import check_held
 from raysd.run.rundir import Run, claim
-from raysd.stages.cluster import accelerator_capacity, accelerators, connect
+from raysd.run import sizing
+from raysd.stages.cluster import accelerator_capacity, accelerator_memory, accelerators, connect
 
 log = logging.getLogger("raysd")
 
@@ -66,6 +67,8 @@ class ShardGenerator:
     def __init__(self, job: ShardJob):
         import torch
 
+        if job.device == "cuda" and not ray.get_gpu_ids():  # a custom accelerator resource holds no GPU
+            job = ShardJob(job.spec, job.out_dir, "cpu", job.threads, job.batch_size, job.keep_full)
         if job.device == "cpu":
             torch.set_num_threads(max(1, job.threads))
         self.job = job
@@ -180,6 +183,13 @@ def _actor_pool(cfg: Config, device: str, shards: int) -> tuple[Any, dict[str, A
     CPUs: a fixed pool of CPU actors. An actor takes one shard at a time (a shard is minutes of
     work): a queue of shards on the first actor up would leave later actors idle at the end."""
     r = cfg.resources
+    need = sizing.generation_actor(cfg, device)
+    card = accelerator_memory(cfg) if device == "cuda" else None
+    if card and need.gpu > card:
+        raise RaysdError(f"generate: {need.describe()}, more than its {card / sizing.GB:.0f} GB card holds; lower it "
+                         f"with {need.lower}")
+    log.info("generate: %s (estimate)", need.describe())
+    memory = {"memory": need.host}  # asked for by a CPU actor (an accelerator's actor is bounded by its accelerator)
     if device == "cuda" or r.accelerator != "GPU":  # a custom accelerator resource is always asked for
         size = min(shards, r.generation_actors or max(1, accelerator_capacity(cfg)))
         initial = max(1, min(size, int(accelerators(cfg))))  # the accelerators already up start at once
@@ -189,7 +199,7 @@ def _actor_pool(cfg: Config, device: str, shards: int) -> tuple[Any, dict[str, A
                                            max_tasks_in_flight_per_actor=1), res, r.torch_threads or 1)
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     size = min(shards, r.generation_actors or r.cpu_generation_actors or max(1, cpus // (r.torch_threads or 1)))
-    return (ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1), {"num_cpus": 1.0},
+    return (ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1), {"num_cpus": 1.0, **memory},
             cpu_actor_threads(r.torch_threads, cpus, size))
 
 

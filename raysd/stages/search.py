@@ -28,7 +28,8 @@ from raysd.run.locking import check_held
 from raysd.run.rundir import Run, check_claim, claim
 from raysd.run.scores import SearchBest
 from raysd.run.search_outputs import write_outputs
-from raysd.stages.cluster import connect
+from raysd.run import sizing
+from raysd.stages.cluster import accelerator_capacity, accelerator_memory, connect, node_memory
 from raysd.stages.prepare import ensure_prepared
 from raysd.stages.search_trial import STATE_FILE, TrialContext, search_trial
 from raysd.stages.tuning import (INFORMED_BY, STUDY_AT_SUGGESTION, TRIAL_INDEX, TrialLogger, load_study,
@@ -109,15 +110,38 @@ def _identity(run: Run, phase: int, space: SearchSpace, fixed: dict[str, Any]) -
             "identity": settings}
 
 
-def max_concurrent(cfg: Config, device: str) -> int:
-    """Trials the cluster's resources can run at once (or the configured limit)."""
+def max_concurrent(cfg: Config, device: str, gpus: float = 1.0) -> int:
+    """Trials the cluster's processors can run at once (or the configured limit), ``gpus`` each on CUDA."""
     if cfg.search.max_concurrent_trials:
         return cfg.search.max_concurrent_trials
-    res = ray.cluster_resources()
     r = cfg.resources
-    if device == "cuda" and r.gpus_per_trial > 0:  # the capacity the cluster has or can grow to
-        return max(1, int(max(res.get("GPU", 1), r.max_gpus or 0) / r.gpus_per_trial))
-    return max(1, int(res.get("CPU", 1) / max(r.cpus_per_trial, 1e-3)))
+    if device == "cuda" and gpus > 0:  # the capacity the cluster has or can grow to
+        return max(1, int(max(1, accelerator_capacity(cfg)) / gpus + 1e-9))
+    return max(1, int(ray.cluster_resources().get("CPU", 1) / max(r.cpus_per_trial, 1e-3)))
+
+
+def trial_resources(run: Run, phase: int, device: str) -> tuple[dict[str, float], int]:
+    """(what each trial asks Ray for, how many run at once): CPUs, a GPU share chosen from the card's
+    memory, and the host memory its estimate needs; at once, no more than the processors and every
+    node's memory hold. Refused in one line when one trial fits no node."""
+    cfg = run.cfg
+    need = sizing.trial(cfg, run, phase, device)
+    host = sizing.host_memory_request(cfg, need)
+    gpus = sizing.gpus_per_worker(cfg, need, accelerator_memory(cfg)) if device == "cuda" else 0.0
+    nodes = node_memory()
+    fit = sizing.fit_on_nodes(host, nodes)
+    if fit < 1:
+        raise RaysdError(f"search {phase}: {need.describe()}, more than any node's {max(nodes) / sizing.GB:.1f} GB; "
+                         f"lower it with {need.lower}")
+    at_once = min(max_concurrent(cfg, device, gpus or 1.0), cfg.search.num_trials)
+    if not cfg.search.max_concurrent_trials:
+        at_once = min(at_once, fit)
+    log.info("search %d: %s (%s): %d at once%s", phase, need.describe(),
+             "resources.trial_memory_gb" if host != need.host else "estimate", at_once,
+             f", {gpus:g} GPU each" if device == "cuda" else "")
+    r = cfg.resources
+    share = {("gpu" if r.accelerator == "GPU" else r.accelerator): gpus} if device == "cuda" else {}
+    return {"cpu": r.cpus_per_trial, **share, "memory": host}, at_once
 
 
 def trial_context(run: Run, phase: int, fixed: dict[str, Any], device: str) -> TrialContext:
@@ -126,7 +150,7 @@ def trial_context(run: Run, phase: int, fixed: dict[str, Any], device: str) -> T
     cfg = run.cfg
     val = run.read_split("val")
     test = run.read_split("test") if cfg.search.objective == "test" else None
-    running = min(max_concurrent(cfg, device), cfg.search.num_trials)
+    resources, running = trial_resources(run, phase, device)
     r = cfg.resources
     # trials that share a small CPU machine get one thread per reserved CPU; a lone trial may use more
     threads = max(1, int(r.cpus_per_trial)) if running > 1 else (r.torch_threads or max(1, int(r.cpus_per_trial)))
@@ -136,15 +160,14 @@ def trial_context(run: Run, phase: int, fixed: dict[str, Any], device: str) -> T
     return TrialContext(run=run, phase=phase, fixed=fixed, device=device, val=(val.images, val.labels),
                         num_classes=val.num_classes, test=(test.images, test.labels) if test is not None else None,
                         milestones=sorted(milestones(cfg)), threads=threads, checkpoints=checkpoints,
-                        base_identity=run.base_identity())
+                        base_identity=run.base_identity(), resources=resources, at_once=running)
 
 
 def _fit(ctx: TrialContext, space: SearchSpace, out: str) -> Any:
     cfg = ctx.run.cfg
     r, s = cfg.resources, cfg.search
-    resources = {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial if ctx.device == "cuda" else 0}
+    resources, running = ctx.resources, ctx.at_once
     trainable = tune.with_resources(tune.with_parameters(search_trial, ctx=ctx), resources)
-    running = min(max_concurrent(cfg, ctx.device), s.num_trials)
     searcher, scheduler = make_search(space.distributions(), s, max_t=cfg.cas.max_epochs, seed=cfg.seed,
                                       capacity=running, study_name=study_name(ctx.phase),
                                       export_to=storage.join(out, STUDY_FILE))
@@ -229,7 +252,13 @@ def _score_best(run: Run, result, device: str) -> SplitScores:  # noqa: ANN001
     kwargs = {"cfg": run.cfg.cas, "device": device, "precision": run.cfg.model.precision}
     if device == "cpu":  # one forward pass over the test split: a task's cold worker would cost more
         return score_state(*args, **kwargs)
-    r = run.cfg.resources
-    task = ray.remote(score_state).options(num_cpus=r.cpus_per_trial,
-                                           num_gpus=r.gpus_per_trial if device == "cuda" else 0)
+    from raysd.stages.evaluate import classifier_options
+
+    need = sizing.classifier_task(run.cfg, device, images=0, side=max(run.image_size), held_out=len(test.labels))
+    task = classifier_options(ray.remote(_score_on_worker), run.cfg, device, need)
     return ray.get(task.remote(*args, **kwargs))
+
+
+def _score_on_worker(*args: Any, device: str, **kwargs: Any) -> SplitScores:
+    """score_state in a task: on CUDA when the task holds a GPU (a custom accelerator resource holds none)."""
+    return score_state(*args, device="cuda" if device == "cuda" and ray.get_gpu_ids() else "cpu", **kwargs)

@@ -50,6 +50,8 @@ class TrialContext:
     threads: int = 1  # torch threads of a CPU trial
     checkpoints: dict[str, dict[int, str]] = field(default_factory=dict)  # kind -> {epoch: weights SHA-256}
     base_identity: str = ""  # the base model's identity (by content), for the image cache's key
+    resources: dict[str, float] = field(default_factory=dict)  # what each trial asks Ray for (cpu, gpu, memory)
+    at_once: int = 1  # trials that run at once
 
 
 def search_trial(config: dict[str, Any], ctx: TrialContext) -> None:

@@ -23,10 +23,12 @@ import ray.train
 from ray.train import UserCallback
 
 from raysd.config import Config, TrainStepConfig
+from raysd.core.lora import LoraSpec
 from raysd.data import checkpoints as ck
 from raysd.data import imageset, latents, storage
 from raysd.data.models import BASE_META, base_identity, is_pixel_space
 from raysd.errors import RaysdError
+from raysd.run import sizing
 from raysd.run.rundir import CLAIM, Run, check_claim, claim
 from raysd.stages.cluster import cluster_gpus, connect
 from raysd.stages.prepare import ensure_prepared, write_parquet_set
@@ -80,7 +82,8 @@ def train(cfg: Config, kind: str, *, encoder_epoch: int | None = None, restart: 
         log.info("%s: all %d epochs already in %s", kind, step.epochs, root)
         return done
     cache = ensure_latent_cache(run, base, device)
-    _fit(TrainJob(run, kind, base, step, ident["fp"], encoder_epoch, device, cache, accepted_hashes=ident["aliases"]))
+    _fit(TrainJob(run, kind, base, step, ident["fp"], encoder_epoch, device, cache, accepted_hashes=ident["aliases"],
+                  lora=lora_spec(cfg) if kind == "unet" else None, base_identity=run.base_identity()))
     done = ck.valid_epochs(root)
     if not done or done[-1] < step.epochs:
         raise RuntimeError(f"{kind}: training ended with epochs {done}, expected {step.epochs}")
@@ -103,6 +106,14 @@ def _identity(run: Run, kind: str, encoder_epoch: int | None) -> dict:
     stage = {"pretrain": "pretrain", "encoder": "train_encoder", "unet": "finetune"}[kind]
     return {"fp": run.training_hash(kind, encoder_epoch), "aliases": (run.legacy_training_hash(kind, encoder_epoch),),
             "identity": run.settings_identity(stage)}
+
+
+def lora_spec(cfg: Config) -> LoraSpec | None:
+    """The LoRA adapter step 3 trains (finetune.method=lora), or None (the whole UNet)."""
+    f = cfg.finetune
+    if f.method != "lora":
+        return None
+    return LoraSpec(f.lora_rank, float(f.lora_alpha or f.lora_rank), tuple(f.lora_targets))
 
 
 def ensure_base(run: Run) -> str:
@@ -222,6 +233,8 @@ def _fit(job: TrainJob) -> None:
     r = job.run.cfg.resources
     use_gpu = job.device == "cuda"
     workers = r.train_workers(job.kind, job.device)
+    need = sizing.training_worker(job.run.cfg, job.run, job.kind, job.device, workers)
+    log.info("%s: %s (estimate)", job.kind, need.describe())
     fs, ckpt_parent = storage.filesystem(job.run.path("checkpoints"))
     # Ray Train polls its workers every 2 s by default, so each run ended up to 2 s after its
     # last epoch, and twice more in teardown; a poll is one small call per worker.
@@ -230,7 +243,7 @@ def _fit(job: TrainJob) -> None:
         train_loop_per_worker,
         train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={
-            "CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if use_gpu else {})}),
+            "CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if use_gpu else {"memory": need.host})}),
         run_config=RunConfig(
             name=job.kind, storage_path=ckpt_parent, storage_filesystem=fs,
             checkpoint_config=CheckpointConfig(num_to_keep=1 if job.kind == "pretrain" else None),

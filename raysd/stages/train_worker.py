@@ -18,6 +18,7 @@ import torch
 
 from raysd.core.diffusion_trainer import DiffusionTrainer, TrainData, TrainerConfig, pca_context_projection
 from raysd.config import Config, TrainStepConfig
+from raysd.core.lora import LoraSpec, adapter_state, add_lora, load_adapter
 from raysd.core.models.class_encoder import ClassEncoder
 from raysd.core.models.diffusion import NoiseSchedule
 from raysd.core.precision import training_autocast
@@ -41,6 +42,8 @@ class TrainJob:
     device: str
     cache: str  # the latent cache (raysd.data.latents) every worker reads whole
     accepted_hashes: tuple[str, ...] = ()  # the same settings as an earlier raysd hashed them (resumable too)
+    lora: LoraSpec | None = None  # step 3 through a LoRA adapter (finetune.method=lora)
+    base_identity: str = ""  # the base's identity (an adapter's checkpoint records it)
 
 
 def schedule_of(cfg: Config) -> NoiseSchedule:
@@ -67,7 +70,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     tcfg = TrainerConfig(kind=job.kind, step=job.step, schedule=schedule_of(cfg),  # type: ignore[arg-type]
                          scaling_factor=base.scaling_factor, seed=cfg.seed, rank=rank, world=world,
                          label_dropout=cfg.model.label_dropout if cfg.model.null_class else 0.0,
-                         autocast_dtype=training_autocast(cfg.model.precision, device))
+                         autocast_dtype=training_autocast(cfg.model.precision, device), adapter=job.lora is not None)
     base.vae = None  # the posteriors are cached: the VAE is not needed while training
     if job.step.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
@@ -116,6 +119,8 @@ def _build_models(job: TrainJob, device: torch.device):
     if job.kind == "unet":
         state, _ = ck.load_weights(ck.epoch_dir(job.run.ckpt_root("encoder"), job.encoder_epoch))
         encoder.load_state_dict(state)
+        if job.lora is not None:
+            add_lora(base.unet, job.lora, seed=cfg.seed)
     return base, encoder.to(device)
 
 
@@ -139,7 +144,10 @@ def _resume(trainer: DiffusionTrainer, job: TrainJob) -> int:
     state, meta = ck.load_weights(directory)
     if meta.get("config_hash") not in (job.config_hash, *job.accepted_hashes):
         raise RaysdError(f"checkpoint {directory} was made with other settings; use --restart")
-    trainer.trainable.load_state_dict(state)
+    if job.lora is not None:
+        load_adapter(trainer.trainable, state)
+    else:
+        trainer.trainable.load_state_dict(state)
     opt_state, extra = ck.load_resume_state(root, epoch)
     trainer.load_resume(opt_state, extra)
     print(f"[raysd] resuming {meta.get('kind')} after epoch {meta['epoch']} from {directory}", flush=True)
@@ -164,6 +172,9 @@ def _checkpoint_meta(trainer: DiffusionTrainer, job: TrainJob, epoch: int, metri
     if encoder is not None:
         meta["class_encoder"] = {"num_classes": encoder.num_classes, "seq_len": encoder.seq_len, "dim": encoder.dim,
                                  "hidden_dim": encoder.fc1.out_features, "null_class": encoder.null_class}
+    if job.lora is not None:  # an adapter: the base it belongs to is recorded, and checked where it is loaded
+        meta["adapter"] = job.lora.to_json()
+        meta["base_identity"] = job.base_identity
     return meta
 
 
@@ -178,7 +189,8 @@ def _report_epoch(trainer: DiffusionTrainer, job: TrainJob, epoch: int, metrics:
     checkpoint = None
     if rank == 0:
         local = ck.local_tmpdir()
-        sha = ck.write_checkpoint(local, model_state=trainer.trainable.state_dict(),
+        state = adapter_state(trainer.trainable) if job.lora is not None else trainer.trainable.state_dict()
+        sha = ck.write_checkpoint(local, model_state=state,
                                   meta=_checkpoint_meta(trainer, job, epoch, metrics, encoder),
                                   dtype=cfg.encoder.checkpoint_dtype if job.kind == "encoder" else
                                   cfg.finetune.checkpoint_dtype)

@@ -10,7 +10,7 @@ works on pixels in [-1, 1] directly. Loading weights from a hub id or a director
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -182,8 +182,11 @@ SD_VAE_CONFIG: dict[str, Any] = dict(
 )
 
 
-def build_random(spec: str, resolution: int, seed: int = 0) -> BaseModel:
-    """SD2-base (or SD v1: 768-d context, 8 heads) architecture with random weights."""
+def build_random(spec: str, resolution: int, seed: int = 0,
+                 unet_state: dict[str, torch.Tensor] | None = None) -> BaseModel:
+    """SD2-base (or SD v1: 768-d context, 8 heads) architecture with random weights; with
+    ``unet_state``, the UNet takes those weights instead (never drawn: no second copy in memory).
+    The VAE has its own seed stream, so it is the same either way."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     cfg = dict(SD2_BASE_UNET_CONFIG)
@@ -191,5 +194,20 @@ def build_random(spec: str, resolution: int, seed: int = 0) -> BaseModel:
         cfg.update(cross_attention_dim=768, attention_head_dim=8, use_linear_projection=False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet, vae = UNet2DConditionModel(**cfg), AutoencoderKL(**SD_VAE_CONFIG)
+        unet = (UNet2DConditionModel(**cfg) if unet_state is None
+                else with_weights(lambda: UNet2DConditionModel(**cfg), unet_state))
+        torch.manual_seed(seed + 7919)
+        vae = AutoencoderKL(**SD_VAE_CONFIG)
     return BaseModel(unet=unet, vae=vae, resolution=resolution, source=spec)
+
+
+def with_weights(make: Callable[[], Any], state: dict[str, torch.Tensor]) -> Any:
+    """The model ``make()`` builds, holding ``state``: built on the meta device, so no weights of
+    its own are drawn or allocated before ``state`` takes their place."""
+    with torch.device("meta"):
+        model = make()
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise ValueError(f"weights do not fit {type(model).__name__}: missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]}")
+    return model
