@@ -6,6 +6,7 @@ the paper's batch sizes.
     python benchmarks/memory.py                    # measures batch 1 and 4, fp32, on the CPU
     python benchmarks/memory.py --one KIND BATCH   # one measurement (what the table runs per row;
                                                    # KIND: encoder, unet or lora)
+    python benchmarks/memory.py --classifier       # the CAS classifier's constants (core/memory.py)
 
 Each measurement runs in a fresh process (the peak RSS of a process never goes down). The
 activation bytes per sample are the slope between the two batch sizes.
@@ -58,6 +59,46 @@ def one(kind: str, batch: int, checkpointing: bool) -> dict:
     return {"kind": kind, "batch": batch, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, **params}
 
 
+def one_classifier(variant: str, side: int, batch: int) -> dict:
+    """Growth of the peak RSS (bytes) over one CAS epoch of ``variant`` on ``side`` px images at
+    ``batch``, fp32 on the CPU: model, optimizer, best-weights copy and one batch's activations
+    (the images are allocated before the baseline: they are counted apart)."""
+    import numpy as np
+    import torch
+
+    from raysd.config import CasConfig
+    from raysd.core.cas import CasTrainer
+
+    def status(key: str) -> int:
+        return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+
+    torch.set_num_threads(2)
+    n = max(batch, 512)
+    x = np.random.default_rng(0).integers(0, 256, (n, side, side, 3), dtype=np.uint8)
+    y = np.arange(n) % 10
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    base = status("VmRSS:")
+    CasTrainer((x, y), (x[:64], y[:64]), 10, cfg=CasConfig(variant=variant, batch_size=batch, max_epochs=1),
+               device="cpu", precision="fp32").train_epoch()
+    return {"variant": variant, "side": side, "batch": batch, "peak": status("VmHWM:") - base}
+
+
+def classifier_table() -> None:
+    from raysd.core import memory
+
+    rows = []
+    for variant in ("paper", "standard"):
+        for side, batch in ((32, 32), (32, 128), (64, 128)):
+            out = subprocess.run([sys.executable, __file__, "--one-classifier", variant, str(side), str(batch)],
+                                 capture_output=True, text=True, check=True)
+            m = json.loads(out.stdout.strip().splitlines()[-1])
+            est = memory.classifier_need(variant, side=side, batch=batch, images=0, half=False)
+            rows.append([variant, side, batch, f"{m['peak'] / 2**20:.0f}", f"{est / 2**20:.0f}"])
+    print(table("CAS classifier, one epoch, fp32, CPU: growth of the peak RSS (the images apart)",
+                ["variant", "px", "batch", "measured MB", "estimate MB"], rows))
+
+
 def measure(kind: str, batch: int, checkpointing: bool = False) -> dict:
     out = subprocess.run([sys.executable, __file__, "--one", kind, str(batch)] + (["--ckpt"] if checkpointing else []),
                          capture_output=True, text=True, check=True)
@@ -68,10 +109,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--one", nargs=2, metavar=("KIND", "BATCH"))
     ap.add_argument("--ckpt", action="store_true")
+    ap.add_argument("--classifier", action="store_true", help="measure the CAS classifier instead")
+    ap.add_argument("--one-classifier", nargs=3, metavar=("VARIANT", "SIDE", "BATCH"))
     ap.add_argument("--batches", type=int, nargs=2, default=[1, 4])
     args = ap.parse_args()
     if args.one:
         print(json.dumps(one(args.one[0], int(args.one[1]), args.ckpt)))
+        return
+    if args.one_classifier:
+        print(json.dumps(one_classifier(args.one_classifier[0], *map(int, args.one_classifier[1:]))))
+        return
+    if args.classifier:
+        classifier_table()
         return
     from raysd.core import memory
 

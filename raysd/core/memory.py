@@ -18,7 +18,7 @@ GB = 1024**3
 MB = 1024**2
 # a Ray worker process with torch, diffusers and raysd imported (measured: 0.67 GB on the CPU)
 PROCESS_BYTES = 0.75 * GB
-# the CAS classifier on the CPU (benchmarks/memory.py --classifier; fp32, Adam, best-weights copy):
+# the CAS classifier on the CPU (python benchmarks/memory.py --classifier; fp32, Adam, best-weights copy):
 # (bytes at batch 0, activation bytes per sample and pixel of the classified image)
 CLASSIFIER = {"paper": (575 * MB, 6.5 * 1024), "standard": (225 * MB, 2.1 * 1024)}
 HALF_ACTIVATIONS = 0.65  # bf16 autocast's share of the fp32 activations (measured on the CPU, paper variant)

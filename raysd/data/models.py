@@ -260,6 +260,15 @@ def load_generator(spec: GeneratorSpec, device: str | torch.device) -> Generator
     return Generator(base, encoder, spec)
 
 
+def release_generators() -> None:
+    """Drop this process's cached generator (the driver after scoring one: an SD UNet it kept
+    would hold gigabytes while the next stages' workers need them)."""
+    import gc
+
+    _load_models.cache_clear()
+    gc.collect()
+
+
 def load_class_encoder(directory: str) -> ClassEncoder:
     """A Class-Encoder from its verified checkpoint (its shape is recorded in checkpoint.json)."""
     state, meta = ck.load_weights(directory)

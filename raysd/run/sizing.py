@@ -77,12 +77,19 @@ def _held_out(run: Run) -> int:
 
 def trial(cfg: Config, run: Run, phase: int, device: str) -> WorkerNeed:
     """A search trial: its generator (loaded, then sampling) and its classifier."""
+    return generator_cas(cfg, run, phase, device, images=cfg.search.num_images, kind="search trial")
+
+
+def generator_cas(cfg: Config, run: Run, phase: int, device: str, *, images: int,
+                  kind: str = "CAS classifier") -> WorkerNeed:
+    """A generator scored in one worker (a search trial, the after_k CAS): its generator (loaded,
+    then sampling ``images``) and the classifier trained on them."""
     gen = _generator(cfg, device, cfg.sampling.batch_size, adapter=phase == 2 and cfg.finetune.method == "lora")
-    cls = classifier(cfg, device, images=cfg.search.num_images, side=max(run.image_size), held_out=_held_out(run))
+    cls = classifier(cfg, device, images=images, side=max(run.image_size), held_out=_held_out(run))
     lower = "a smaller search.num_images or sampling.batch_size, or --set resources.trial_memory_gb=N"
     if device == "cuda":  # loaded on the host, then moved; sampled and classified on the card
-        return WorkerNeed("search trial", memory.process_need(gen.load), gen.sampling + cls, lower)
-    return WorkerNeed("search trial", memory.process_need(gen.load, gen.sampling + cls), 0.0, lower)
+        return WorkerNeed(kind, memory.process_need(gen.load), gen.sampling + cls, lower)
+    return WorkerNeed(kind, memory.process_need(gen.load, gen.sampling + cls), 0.0, lower)
 
 
 def generation_actor(cfg: Config, device: str) -> WorkerNeed:

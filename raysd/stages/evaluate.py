@@ -24,6 +24,7 @@ from raysd.core.cas import train_and_evaluate
 from raysd.core.generator import GeneratorSpec, generated_cas
 from raysd.core.plan import interleave, stratified_prefix
 from raysd.data import imageset, storage
+from raysd.data.models import release_generators
 from raysd.errors import RaysdError
 from raysd.run.rundir import Run
 from raysd.run.scores import Score
@@ -224,9 +225,9 @@ def cas_of_generator(cfg: Config, spec: GeneratorSpec, num_images: int, balance:
             res = _generator_task(*args)
         finally:
             torch.set_num_threads(threads)  # the task sets the driver's to the job's
+            release_generators()  # the driver must not hold an SD model while the next stages' workers run
     else:
-        need = sizing.classifier_task(cfg, device, images=num_images, side=max(run.image_size),
-                                      held_out=len(val[1]) + len(test[1]))
+        need = sizing.generator_cas(cfg, run, 2 if spec.unet_dir else 1, device, images=num_images)
         res = ray.get(classifier_options(task, cfg, device, need).remote(*args))
     log.info("cas: %d generated images (IS %d, UGS %.3g): top-1 %.4f, top-5 %.4f, %.1f img/s", num_images,
              spec.num_inference_steps, spec.guidance_scale, res.top1, res.top5, res.images_per_second)
