@@ -147,9 +147,9 @@ def cmd_cas(args: argparse.Namespace) -> int:
         train_dir = args.train
     score = cas_of_set(cfg, train_dir, val=val, test=test, num_classes=num_classes, variant=args.variant)
     result = {k: v for k, v in dataclasses.asdict(score).items() if k in CAS_KEYS}
-    result.update(dataset=cfg.dataset.name, variant=args.variant or cfg.cas.variant)
+    result.update(score.metrics, dataset=cfg.dataset.name, variant=args.variant or cfg.cas.variant)
     if args.out:
-        storage.write_bytes(args.out, (json.dumps(result, indent=2) + "\n").encode())
+        storage.write_bytes(args.out, (json.dumps({**result, "predictions": score.predictions}, indent=2) + "\n").encode())
     print(json.dumps({k: v for k, v in result.items() if k not in ("confusion", "per_class_accuracy")}, indent=2))
     return 0
 

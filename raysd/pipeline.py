@@ -118,8 +118,10 @@ def _search(phase: int) -> Callable[[Run, dict, bool], dict]:
 
         best = search(run.cfg, phase, restart=restart).to_json()
         imp = storage.read_json(storage.join(run.search_dir(phase), "importance.json"))
-        return {"best": {k: v for k, v in best.items() if k not in ("confusion", "per_class_accuracy", "space")},
-                "per_class": {"per_class_accuracy": best["per_class_accuracy"], "confusion": best["confusion"]},
+        return {"best": {k: v for k, v in best.items() if k not in ("confusion", "per_class_accuracy", "space",
+                                                                      "predictions")},
+                "per_class": {"per_class_accuracy": best["per_class_accuracy"], "confusion": best["confusion"],
+                              **({"predictions": best["predictions"]} if best.get("predictions") else {})},
                 "importance": imp["importances"], "importance_basis": imp}
 
     return run_search

@@ -67,8 +67,22 @@ def test_demo_pipeline_results_report_and_invalidation(reference):
         assert (run / f).stat().st_size > 0, f
     html = (run / "report.html").read_text()
     assert "Table 2" in html and "data:image/png;base64," in html and "src=\"figures" not in html
+    # every CAS row has the metrics beside top-1, the test split's baselines, and the paired comparisons
+    for row in [*res["scaling"].values(), *(s["cas"] for s in res["steps"].values())]:
+        assert {"balanced_accuracy", "macro_f1", "auc", "interval"} <= set(row), row
+        lo, hi = row["interval"]["top1"]
+        assert lo <= row["top1"] <= hi
+    counts = json.loads((run / "data" / "test" / "meta.json").read_text())["counts_per_class"]
+    assert res["baselines"]["majority"]["top1"] == pytest.approx(max(counts) / sum(counts))
+    assert {"x1 - real", "x2 - real", "after_3 - after_2"} <= set(res["comparisons"])
+    assert len(res["per_class"]["x1"]["predictions"]) == sum(counts)
+    md = (run / "report.md").read_text()
+    assert "balanced acc. %" in md and "majority class" in md and "x2 against real: top1" in md
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["provenance"]["versions"]["ray"] and manifest["provenance"]["config_hash"]
+    from raysd.data.models import _load_models  # the after_k CAS ran on this driver: no generator kept after it
+
+    assert _load_models.cache_info().currsize == 0
 
     # operational settings change how work runs, not what it made: every stage is skipped
     before = finished(run)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from raysd.config import CasConfig
 from raysd.errors import RaysdError
 from raysd.core.models.resnet import resnet20
+from raysd.core.metrics import split_metrics
 from raysd.core.precision import classifier_autocast
 
 
@@ -41,6 +42,9 @@ class SplitScores:
     top5: float  # top-min(5, C)
     per_class_accuracy: list[float]
     confusion: list[list[int]]  # rows: true class, cols: predicted
+    # balanced_accuracy, macro_f1, auc and the bootstrap interval (raysd.core.metrics.split_metrics)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    predictions: list[int] = field(default_factory=list)  # per test image, in the split's order (paired tests)
 
 
 @dataclass
@@ -55,6 +59,8 @@ class CasResult:
     per_class_accuracy: list[float] = field(default_factory=list)
     confusion: list[list[int]] = field(default_factory=list)  # rows: true class, cols: predicted
     history: list[dict[str, float]] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)  # as SplitScores.metrics
+    predictions: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -221,9 +227,10 @@ class CasTrainer:
                 outs.append(self.forward(self._inputs(x[lo : lo + self.cfg.eval_batch_size])).float())
         return torch.cat(outs)
 
-    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, torch.Tensor]:
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor | None = None,
+                 ) -> tuple[float, float, torch.Tensor]:
         """(top-1, top-min(5, C), predictions) for device tensors."""
-        logits = self.predict(x)
+        logits = self.predict(x) if logits is None else logits
         k = min(5, self.num_classes)
         topk = logits.topk(k, dim=1).indices
         top1 = (topk[:, 0] == y).float().mean().item()
@@ -235,14 +242,19 @@ class CasTrainer:
             self.model.load_state_dict(self.best_state)
 
     def test(self, test: Any) -> SplitScores:
-        """Top-1/top-5, per-class accuracy and confusion matrix of the current weights."""
+        """Top-1/top-5, per-class accuracy, confusion matrix, balanced accuracy, macro-F1, AUC and
+        bootstrap intervals of the current weights."""
         xs, ys = as_arrays(test, "test")
         x, y = self._to_device(xs, ys)
-        top1, top5, pred = self.evaluate(x, y)
+        logits = self.predict(x)
+        top1, top5, pred = self.evaluate(x, y, logits)
         conf = np.zeros((self.num_classes, self.num_classes), np.int64)
-        np.add.at(conf, (y.cpu().numpy(), pred.cpu().numpy()), 1)
+        labels, predicted = y.cpu().numpy(), pred.cpu().numpy()
+        np.add.at(conf, (labels, predicted), 1)
         per_class = [float(conf[c, c] / conf[c].sum()) if conf[c].sum() else float("nan") for c in range(self.num_classes)]
-        return SplitScores(top1=top1, top5=top5, per_class_accuracy=per_class, confusion=conf.tolist())
+        probs = torch.softmax(logits, 1).cpu().numpy()
+        return SplitScores(top1=top1, top5=top5, per_class_accuracy=per_class, confusion=conf.tolist(),
+                           metrics=split_metrics(labels, probs), predictions=predicted.tolist())
 
     # -- pausing and resuming (Ray Tune) -----------------------------------------------------
 
@@ -287,7 +299,8 @@ def train_and_evaluate(train: Any, val: Any, test: Any, num_classes: int, *, cfg
     res = tr.test(test)
     return CasResult(top1=res.top1, top5=res.top5, best_epoch=tr.best_epoch, epochs_run=tr.epoch,
                      seconds=time.perf_counter() - t0, best_val_top1=tr.best_val, num_train=len(tr.y),
-                     per_class_accuracy=res.per_class_accuracy, confusion=res.confusion, history=tr.history)
+                     per_class_accuracy=res.per_class_accuracy, confusion=res.confusion, history=tr.history,
+                     metrics=res.metrics, predictions=res.predictions)
 
 
 def score_state(state: dict[str, Any], test: Any, num_classes: int, *, cfg: CasConfig | None = None,

@@ -194,8 +194,22 @@ def table1(res: dict[str, Any]) -> tuple[str, str]:
     for k, v in res.get("steps", {}).items():
         p = v["params"]
         rows.append([labels[k], str(p["num_inference_steps"]), f"{p['guidance_scale']:.2f}", str(p["epoch"]),
-                     _pct(v["cas"]["top1"]), _pct(v["cas"]["top5"]), str(v["num_images"])])
-    return _table(["after step", "IS", "UGS", "epoch", "CAS top-1 %", "top-5 %", "images"], rows)
+                     _pct(v["cas"]["top1"]), _ci(v["cas"], "top1"), _pct(v["cas"].get("balanced_accuracy")),
+                     _pct(v["cas"]["top5"]), str(v["num_images"])])
+    return _table(["after step", "IS", "UGS", "epoch", "CAS top-1 %", "95 % interval", "balanced acc. %", "top-5 %",
+                   "images"], rows)
+
+
+def _ci(row: dict[str, Any], metric: str) -> str:
+    """The row's 95 % bootstrap interval over the test split, in points."""
+    iv = (row.get("interval") or {}).get(metric)
+    return "–" if not iv else f"{100 * iv[0]:.1f}–{100 * iv[1]:.1f}"
+
+
+def _metric_cells(row: dict[str, Any]) -> list[str]:
+    auc = row.get("auc")
+    return [_pct(row["top1"]), _ci(row, "top1"), _pct(row.get("balanced_accuracy")), _ci(row, "balanced_accuracy"),
+            _pct(row.get("macro_f1")), "–" if auc is None else f"{auc:.3f}", _pct(row["top5"])]
 
 
 def table2(res: dict[str, Any]) -> tuple[str, str]:
@@ -207,9 +221,29 @@ def table2(res: dict[str, Any]) -> tuple[str, str]:
             continue
         p = paper.get(k) if k in ("real", "x1") else (paper.get("best") if paper and k == f"x{paper.get('best_scale')}"
                                                       else None)
-        rows.append([k, str(sc[k]["num_images"]), _pct(sc[k]["top1"]), _pct(sc[k]["top5"]),
-                     f"{p:.2f}" if p is not None else "–"])
-    return _table(["training set", "images", "CAS top-1 %", "top-5 %", "paper top-1 %"], rows)
+        rows.append([k, str(sc[k]["num_images"]), *_metric_cells(sc[k]), f"{p:.2f}" if p is not None else "–"])
+    for name, row in (res.get("baselines") or {}).items():  # what predicting without learning scores
+        label = f"majority class ({row['class']})" if name == "majority" else "chance (uniform guess)"
+        rows.append([label, "–", *_metric_cells(row), "–"])
+    return _table(["training set", "images", "CAS top-1 %", "95 % interval", "balanced acc. %", "95 % interval",
+                   "macro-F1 %", "AUC", "top-5 %", "paper top-1 %"], rows)
+
+
+def comparison_lines(res: dict[str, Any]) -> list[str]:
+    """One sentence per paired comparison: a difference is called a gain or a loss only when its
+    95 % paired-bootstrap interval excludes 0."""
+    lines = []
+    for pair, by_metric in (res.get("comparisons") or {}).items():
+        a, b = pair.split(" - ")
+        parts = []
+        for metric, d in by_metric.items():
+            lo, hi = (100 * x for x in d["interval"])
+            verdict = (f"{a} {'better' if d['difference'] > 0 else 'worse'} beyond the noise" if d["clear"]
+                       else "inside the noise: no claim")
+            parts.append(f"{metric.replace('_', ' ')} {100 * d['difference']:+.1f} points ({lo:+.1f} to {hi:+.1f}; "
+                         f"{verdict})")
+        lines.append(f"{a} against {b}: " + "; ".join(parts) + ".")
+    return lines
 
 
 def per_class_table(res: dict[str, Any]) -> tuple[str, str]:
@@ -264,7 +298,9 @@ def _notes(res: dict[str, Any]) -> list[str]:
         notes.append("Search objective: the test accuracy of each trial's best-val weights (the paper's protocol; "
                      "it lets the test split choose the parameters).")
     notes.append("CAS: ResNet20 trained on the named set only, early-stopped on the real validation split, scored on "
-                 "the real test split.")
+                 "the real test split. Balanced accuracy is the mean recall over classes (a classifier that predicts "
+                 "one class scores 1/C), AUC the macro one-vs-rest AUC; the intervals are 95 % bootstraps over the "
+                 "test images (the test split's noise, not the classifier seed's).")
     n1 = min((s.get("num_images") or 0 for s in res.get("steps", {}).values()), default=0)
     if 0 < n1 < 2000:
         notes.append(f"Table 1 scores classifiers trained on only {n1} generated images each: differences of several "
@@ -289,6 +325,12 @@ def _text(res: dict[str, Any], pngs: dict[str, bytes]) -> tuple[str, str]:
     ]
     md = [f"# {title}", "", *[f"- {n}" for n in notes], ""]
     body = [f"<h1>{html.escape(title)}</h1><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>"]
+    claims = comparison_lines(res)
+    if claims:  # what the differences support, before the tables that show them
+        heading = "What the differences support (95 % paired bootstrap over the test split)"
+        md += [f"## {heading}", "", *[f"- {c}" for c in claims], ""]
+        body.append(f"<h2>{html.escape(heading)}</h2><ul>" + "".join(f"<li>{html.escape(c)}</li>" for c in claims)
+                    + "</ul>")
     for heading, table, fig in sections:
         if table is None and (fig is None or fig not in pngs):
             continue

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from raysd.config import Config
+from raysd.core.metrics import baselines, paired_difference
 from raysd.data import storage
 from raysd.run.scores import PARAM_KEYS, Score
 
@@ -30,7 +31,7 @@ def _search_score(out: dict[str, Any]) -> Score:
     b = out["best"]
     return Score(top1=b["test_top1"], top5=b["test_top5"], num_images=b["num_images"],
                  params={k: b[k] for k in PARAM_KEYS}, generation_seconds=b.get("generation_seconds"),
-                 **out["per_class"])
+                 metrics=b.get("metrics") or {}, **out["per_class"])
 
 
 def table1(st: dict[str, Any]) -> dict[str, Score]:
@@ -39,6 +40,33 @@ def table1(st: dict[str, Any]) -> dict[str, Score]:
     rows.update({name: _search_score(st[search]) for name, search in (("after_2", "search_1"), ("after_4", "search_2"))
                  if search in st})
     return {k: rows[k] for k in ("after_1", "after_2", "after_3", "after_4") if k in rows}
+
+
+# the differences the report may call a gain: each scale against real data, each step against the one before
+STEP_PAIRS = (("after_2", "after_1"), ("after_3", "after_2"), ("after_4", "after_3"))
+
+
+def comparisons(cfg: Config, steps: dict[str, Score], scaling: dict[str, Score]) -> dict[str, Any]:
+    """Paired-bootstrap differences (top-1 and balanced accuracy, 95 %) of rows scored on the same
+    test images: ``"x2 - real"``, ``"after_3 - after_2"``, ... (rows without predictions, from older
+    runs, are left out)."""
+    rows = {**steps, **scaling}
+    pairs = [(k, "real") for k in scaling if k != "real"] + list(STEP_PAIRS)
+    pairs = [(a, b) for a, b in pairs if a in rows and b in rows and rows[a].predictions and rows[b].predictions]
+    if not pairs:
+        return {}
+    from raysd.run.rundir import Run
+
+    y = Run(cfg).read_split("test").labels
+    return {f"{a} - {b}": {m: paired_difference(y, rows[a].predictions, rows[b].predictions, m, seed=cfg.seed)
+                           for m in ("top1", "balanced_accuracy")}
+            for a, b in pairs if len(rows[a].predictions) == len(rows[b].predictions) == len(y)}
+
+
+def _baselines(st: dict[str, Any]) -> dict[str, Any] | None:
+    """The test split's majority-class and chance rows (from its class counts)."""
+    test = st.get("prepare", {}).get("test")
+    return baselines(test["counts_per_class"]) if test and test.get("counts_per_class") else None
 
 
 def build_results(cfg: Config, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -56,6 +84,8 @@ def build_results(cfg: Config, manifest: dict[str, Any]) -> dict[str, Any]:
                                    for s in ("search_1", "search_2") if "full_budget" in st.get(s, {}).get(
                                        "importance_basis", {})},
         "scaling": {k: s.table2_row() for k, s in scaling.items()},
+        "baselines": _baselines(st),
+        "comparisons": comparisons(cfg, steps, scaling),
         "timings": timings,
         "per_class": {k: s.per_class for k, s in {**steps, **scaling}.items()},
         "class_names": st.get("prepare", {}).get("class_names"),

@@ -31,21 +31,30 @@ class Score:
     train: str | None = None  # the set trained on
     best_val_top1: float | None = None
     device: str | None = None
+    # balanced_accuracy, macro_f1, auc, interval (raysd.core.metrics); empty for runs of older versions
+    metrics: dict[str, Any] = field(default_factory=dict)
+    predictions: list[int] = field(default_factory=list)  # per test image (paired comparisons)
 
     @classmethod
     def of(cls, result: CasResult, *, num_images: int, **extra: Any) -> "Score":
         return cls(top1=result.top1, top5=result.top5, num_images=num_images,
                    per_class_accuracy=result.per_class_accuracy, confusion=result.confusion,
                    best_epoch=result.best_epoch, epochs_run=result.epochs_run, seconds=result.seconds,
-                   best_val_top1=result.best_val_top1, **extra)
+                   best_val_top1=result.best_val_top1, metrics=result.metrics, predictions=result.predictions,
+                   **extra)
 
     @property
     def per_class(self) -> dict[str, Any]:
-        return {"per_class_accuracy": self.per_class_accuracy, "confusion": self.confusion}
+        return {"per_class_accuracy": self.per_class_accuracy, "confusion": self.confusion,
+                **({"predictions": self.predictions} if self.predictions else {})}
+
+    def cas_json(self) -> dict[str, Any]:
+        """top1 and top5 (the contract) and every other metric beside them."""
+        return {"top1": self.top1, "top5": self.top5, **self.metrics}
 
     def step_json(self) -> dict[str, Any]:
         """An after_k stage's manifest outputs."""
-        return {"params": self.params, "cas": {"top1": self.top1, "top5": self.top5}, "num_images": self.num_images,
+        return {"params": self.params, "cas": self.cas_json(), "num_images": self.num_images,
                 "generation_seconds": self.generation_seconds, "images_per_second": self.images_per_second,
                 "per_class": self.per_class}
 
@@ -53,25 +62,25 @@ class Score:
     def from_step_json(cls, d: dict[str, Any]) -> "Score":
         return cls(top1=d["cas"]["top1"], top5=d["cas"]["top5"], num_images=d["num_images"], params=d["params"],
                    generation_seconds=d.get("generation_seconds"), images_per_second=d.get("images_per_second"),
-                   **(d.get("per_class") or {}))
+                   metrics=_metrics(d["cas"]), **(d.get("per_class") or {}))
 
     def scale_json(self) -> dict[str, Any]:
         """One entry of the scaling stage's manifest outputs."""
-        return {"top1": self.top1, "top5": self.top5, "num_images": self.num_images, "best_epoch": self.best_epoch,
+        return {**self.cas_json(), "num_images": self.num_images, "best_epoch": self.best_epoch,
                 "seconds": self.seconds, "per_class": self.per_class}
 
     @classmethod
     def from_scale_json(cls, d: dict[str, Any]) -> "Score":
         return cls(top1=d["top1"], top5=d["top5"], num_images=d["num_images"], best_epoch=d.get("best_epoch"),
-                   seconds=d.get("seconds"), **(d.get("per_class") or {}))
+                   seconds=d.get("seconds"), metrics=_metrics(d), **(d.get("per_class") or {}))
 
     def table1_row(self) -> dict[str, Any]:
         """results.json's ``steps`` entry (DESIGN.md section 4)."""
-        return {"params": self.params, "cas": {"top1": self.top1, "top5": self.top5}, "num_images": self.num_images,
+        return {"params": self.params, "cas": self.cas_json(), "num_images": self.num_images,
                 "generation_seconds": self.generation_seconds}
 
     def table2_row(self) -> dict[str, Any]:
-        return {"top1": self.top1, "top5": self.top5, "num_images": self.num_images}
+        return {**self.cas_json(), "num_images": self.num_images}
 
 
 @dataclass
@@ -101,6 +110,8 @@ class SearchBest:
     num_full_budget: int
     space: dict[str, Any]
     fingerprint: str
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)  # of the test scores (Score.metrics)
+    predictions: list[int] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -119,4 +130,11 @@ class SearchBest:
         """Its Table 1 row (after_2 / after_4): the best trial's classifier on the test split."""
         return Score(top1=self.test_top1, top5=self.test_top5, num_images=self.num_images, params=self.params,
                      generation_seconds=self.generation_seconds, per_class_accuracy=self.per_class_accuracy,
-                     confusion=self.confusion)
+                     confusion=self.confusion, metrics=self.metrics, predictions=self.predictions)
+
+
+METRIC_KEYS = ("balanced_accuracy", "macro_f1", "auc", "interval")
+
+
+def _metrics(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: d[k] for k in METRIC_KEYS if k in d}

@@ -229,7 +229,8 @@ def _summarize(run: Run, phase: int, space: SearchSpace, fixed: dict[str, Any], 
         per_class_accuracy=test.per_class_accuracy, confusion=test.confusion, num_images=cfg.search.num_images,
         generation_seconds=best.generation_seconds, images_per_second=best.images_per_second,
         trial_id=best.trial_id, epochs_run=best.epochs_run, num_trials=len(trials),
-        num_full_budget=sum(t.finished for t in trials), space=space.to_dict(), fingerprint=fp)
+        num_full_budget=sum(t.finished for t in trials), space=space.to_dict(), fingerprint=fp,
+        metrics=test.metrics, predictions=test.predictions)
     check_held(run.root)  # best.json commits the search: not by a driver whose run lock was taken over
     imp = write_outputs(run.search_dir(phase), trials, space, cfg.seed, body)
     log.info("search %d: best IS=%d UGS=%.3f epoch=%d: CAS %.4f (%s), test top-1 %.4f; importances %s", phase,
