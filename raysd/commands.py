@@ -182,12 +182,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.resume and not storage.exists(storage.join(args.run_dir, "manifest.json")):
         raise RaysdError(f"run: --resume given but {args.run_dir} holds no run (no manifest.json)")
     cfg = config_from_args(args)
+    _check_demo_base(cfg, args)
     results = pipeline.run(cfg, until=args.until, redo=args.redo)
     if results:
         line = ", ".join(f"{k} {100 * v['top1']:.1f}%" for k, v in results["scaling"].items())
         print(f"CAS top-1 on the real test split: {line}")
         print(f"report: {storage.join(cfg.run_dir, 'report.html')}")
     return 0
+
+
+DEMO_BASE = "builtin:tiny-digits"
+
+
+def _check_demo_base(cfg: Any, args: argparse.Namespace) -> None:
+    """The demo's base has seen nothing but digits: on other data, a base must be chosen (refused before
+    any work, naming the two paths) unless the user named one, the digits base included."""
+    from raysd import config as C
+    from raysd.config.loading import read_config_file
+
+    if cfg.preset != "demo" or cfg.dataset.name == "digits" or cfg.model.base_model != DEMO_BASE:
+        return
+    named = set(C.parse_set_flags(args.set)) | (set(C.flatten(read_config_file(args.config))) if args.config else set())
+    if args.base_model is not None or "model.base_model" in named:
+        return
+    raise RaysdError(
+        f"the demo preset's base ({DEMO_BASE}) was pretrained on digits only and cannot draw {cfg.dataset.name}; "
+        "choose a base: on a GPU the paper's path, `--preset paper --base-model stabilityai/stable-diffusion-2-base` "
+        "(a hub id or a local diffusers directory), or a small pixel-space base pretrained first on this dataset's "
+        "train split without labels, `--set model.base_model=tiny --set model.pretrain_steps=2400 --set "
+        f"model.resolution=32` (docs/datasets.md); `--base-model {DEMO_BASE}` keeps the digits base anyway")
 
 
 def cmd_report(args: argparse.Namespace) -> int:

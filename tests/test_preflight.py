@@ -48,8 +48,24 @@ def test_a_missing_base_directory_and_an_incomplete_one(tmp_path, capsys):
 def test_a_missing_dataset_directory(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["run", "--out", str(tmp_path / "run"), "--dataset", "pathmnist", "--data-dir",
-                 str(tmp_path / "empty"), "--set", "dataset.download=false"]) == 2
+                 str(tmp_path / "empty"), "--set", "dataset.download=false", "--base-model", "builtin:tiny-digits"]) == 2
     one_line(capsys, f"{tmp_path / 'empty' / 'pathmnist.npz'} not found (download disabled)")
+
+
+def test_the_demo_preset_on_other_data_names_the_two_paths_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    """The demo's base knows only digits: `raysd run --dataset retinamnist` (no preset, no base) is
+    refused before any work, naming the paper's path and the small base pretrained on the data."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--dataset", "retinamnist", "--data-dir", str(tmp_path / "data")]) == 2
+    err = one_line(capsys, "pretrained on digits only")
+    assert "--preset paper --base-model" in err and "--set model.base_model=tiny" in err
+    assert not any(tmp_path.iterdir())  # no run directory, nothing downloaded
+    for named in (["--base-model", "tiny"], ["--set", "model.base_model=tiny"]):  # a base the user chose is used
+        from raysd.commands import _check_demo_base, config_from_args
+        from raysd.cli import build_parser
+
+        args = build_parser().parse_args(["run", "--dataset", "retinamnist", *named])
+        _check_demo_base(config_from_args(args), args)
 
 
 def _offline_env(hf_home) -> dict:

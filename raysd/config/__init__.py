@@ -2,7 +2,7 @@
 
 ``schema`` holds the dataclasses (each field's help text and rule in its metadata), ``presets``
 the presets, ``loading`` the defaults < preset < file < ``--set`` chain with type coercion,
-``validation`` the one check of every rule, ``reference`` the README's generated table.
+``validation`` the one check of every rule, ``reference`` the generated table of docs/configuration.md.
 """
 
 from raysd.config.loading import (all_keys, apply_overrides, config_from_dict, flatten, load_config,

@@ -1,4 +1,4 @@
-"""``python -m raysd.config --readme README.md`` regenerates the README's reference section."""
+"""``python -m raysd.config --readme docs/configuration.md`` regenerates the reference section of docs/configuration.md."""
 
 import sys
 

@@ -158,7 +158,7 @@ def parse_set_flags(items: list[str]) -> dict[str, Any]:
 
 
 def all_keys(cfg: Config | None = None) -> list[tuple[str, Any, str]]:
-    """Every dotted key with its default and type name (the README's configuration reference)."""
+    """Every dotted key with its default and type name (docs/configuration.md)."""
     cfg = cfg or Config()
     rows = []
     for key, value, f in walk(cfg):

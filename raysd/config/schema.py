@@ -1,5 +1,5 @@
 """The configuration's schema: a tree of dataclasses whose fields carry their help text and their
-rule in field metadata, so validation and the README's reference come from one table.
+rule in field metadata, so validation and the reference (docs/configuration.md) come from one table.
 
 The defaults are the paper's settings (DESIGN.md section 1); presets (data, in ``presets.py``)
 change a few keys. A rule's bounds may name another key (``le="model.num_train_timesteps"``).
