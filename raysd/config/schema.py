@@ -225,6 +225,8 @@ class CasConfig:
     min_lr: float = setting(1e-5, "ReduceLROnPlateau floor", ge=0, le="cas.lr", affects=CAS)
     early_stopping_patience: int = setting(25, "epochs without val improvement before stopping (best weights "
                                            "restored)", ge=1, affects=CAS)
+    seeds: int = setting(3, "classifier seeds per Table 2 row and `raysd cas` (real data and each scale): top1 is "
+                            "their mean, each seed's scores are kept with their sd", ge=1, affects=("scaling",))
     eval_batch_size: int = setting(1024, "batch for val/test evaluation", ge=1, affects=OPERATIONAL)
     compile: bool = setting(False, "torch.compile the classifier (worth it on a GPU for the 100-epoch protocol)", affects=OPERATIONAL)
     image_size: int | None = setting(None, "None: classify at the dataset's size (the paper); N: area-resize "

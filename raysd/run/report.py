@@ -208,7 +208,9 @@ def _ci(row: dict[str, Any], metric: str) -> str:
 
 def _metric_cells(row: dict[str, Any]) -> list[str]:
     auc = row.get("auc")
-    return [_pct(row["top1"]), _ci(row, "top1"), _pct(row.get("balanced_accuracy")), _ci(row, "balanced_accuracy"),
+    sd = (row.get("sd") or {}).get("top1")
+    top1 = _pct(row["top1"]) + (f" ± {100 * sd:.2f} ({len(row['seeds'])} seeds)" if sd is not None else "")
+    return [top1, _ci(row, "top1"), _pct(row.get("balanced_accuracy")), _ci(row, "balanced_accuracy"),
             _pct(row.get("macro_f1")), "–" if auc is None else f"{auc:.3f}", _pct(row["top5"])]
 
 

@@ -133,7 +133,36 @@ class SearchBest:
                      confusion=self.confusion, metrics=self.metrics, predictions=self.predictions)
 
 
-METRIC_KEYS = ("balanced_accuracy", "macro_f1", "auc", "interval")
+METRIC_KEYS = ("balanced_accuracy", "macro_f1", "auc", "interval", "seeds", "sd")
+SEED_METRICS = ("top1", "top5", "balanced_accuracy", "macro_f1", "auc")
+
+
+def mean_over_seeds(scores: list[Score], seeds: list[int]) -> Score:
+    """One row from classifiers of several seeds on the same set: top1, top5 and the other metrics are
+    their means (``sd`` their standard deviations), each seed's kept in ``seeds``; the interval is the
+    mean of the seeds' bootstrap intervals (the test split's noise), the predictions and per-class
+    table the first seed's."""
+    if len(scores) == 1:
+        return scores[0]
+    per_seed = [{"seed": s, **{k: v for k, v in sc.cas_json().items() if k in SEED_METRICS}}
+                for s, sc in zip(seeds, scores)]
+
+    def stat(key: str, fn: Any) -> float | None:
+        vals = [p[key] for p in per_seed if p.get(key) is not None]
+        return float(fn(vals)) if len(vals) == len(per_seed) else None
+
+    import numpy as np
+
+    first = scores[0]
+    intervals = {k: [float(np.mean([sc.metrics["interval"][k][i] for sc in scores])) for i in (0, 1)]
+                 for k in (first.metrics.get("interval") or {}) if all(k in (sc.metrics.get("interval") or {})
+                                                                      for sc in scores)}
+    metrics = {k: stat(k, np.mean) for k in SEED_METRICS if k not in ("top1", "top5")}
+    metrics.update(interval=intervals, seeds=per_seed,
+                   sd={k: stat(k, lambda v: np.std(v, ddof=1)) for k in SEED_METRICS})
+    return dataclasses.replace(first, top1=float(np.mean([sc.top1 for sc in scores])),
+                               top5=float(np.mean([sc.top5 for sc in scores])), metrics=metrics,
+                               seconds=sum(sc.seconds or 0.0 for sc in scores))
 
 
 def _metrics(d: dict[str, Any]) -> dict[str, Any]:

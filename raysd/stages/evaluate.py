@@ -11,6 +11,7 @@ a shard: on an object store each shard travels once, to the task that uses it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -23,11 +24,12 @@ from raysd.config import CasConfig, Config
 from raysd.core.cas import train_and_evaluate
 from raysd.core.generator import GeneratorSpec, generated_cas
 from raysd.core.plan import interleave, stratified_prefix
+from raysd.core.seeds import derive_seed
 from raysd.data import imageset, storage
 from raysd.data.models import release_generators
 from raysd.errors import RaysdError
 from raysd.run.rundir import Run
-from raysd.run.scores import Score
+from raysd.run.scores import Score, mean_over_seeds
 from raysd.run import sizing
 from raysd.stages.cluster import accelerator_memory, connect
 
@@ -171,38 +173,52 @@ class Scorer:
             val, test, num_classes = _real(Run(cfg))
         cas = CasConfig(**{**cfg.cas.__dict__, **({"variant": variant} if variant else {})})
         self.cfg, self.said, self.held_out = cfg, False, len(val[1]) + len(test[1])
-        self.task, self.job = _task(_set_task, cfg, device, parallel, num_classes, cas)
+        self.task, job = _task(_set_task, cfg, device, parallel * cas.seeds, num_classes, cas)
+        # cas.seeds classifiers per set: the first with the run seed (one seed scores as before)
+        self.seeds = [cfg.seed] + [derive_seed(cfg.seed, "cas", i) for i in range(1, cas.seeds)]
+        self.jobs = [dataclasses.replace(job, seed=s) for s in self.seeds]
+        self.job = job
         self.val_ref, self.test_ref = ray.put(val), ray.put(test)
 
-    def start(self, piece: SetSlice) -> Any:
-        key = (piece, repr(self.job))
-        if key not in Scorer._started:
-            images = sum(rows for _, _, rows in piece.shards)
-            need = sizing.classifier_task(self.cfg, self.job.device, images=images, side=max(piece.image_shape[:2]),
-                                          held_out=self.held_out)
-            if not self.said:
-                log.info("cas: %s for %d images (estimate, for the largest set it is asked for more)",
-                         need.describe(), images)
-                self.said = True
-            Scorer._started[key] = classifier_options(self.task, self.cfg, self.job.device, need).remote(
-                self.job, piece, self.val_ref, self.test_ref)
-        return Scorer._started[key]
+    def start(self, piece: SetSlice) -> list[Any]:
+        """The classifiers of ``piece``, one per seed (started once per process)."""
+        refs = []
+        for job in self.jobs:
+            key = (piece, repr(job))
+            if key not in Scorer._started:
+                images = sum(rows for _, _, rows in piece.shards)
+                need = sizing.classifier_task(self.cfg, job.device, images=images, side=max(piece.image_shape[:2]),
+                                              held_out=self.held_out)
+                if not self.said:
+                    log.info("cas: %s for %d images (estimate, for the largest set it is asked for more); %d seed(s) "
+                             "per set", need.describe(), images, len(self.jobs))
+                    self.said = True
+                Scorer._started[key] = classifier_options(self.task, self.cfg, job.device, need).remote(
+                    job, piece, self.val_ref, self.test_ref)
+            refs.append(Scorer._started[key])
+        return refs
 
     def collect(self, pieces: list[SetSlice]) -> list[Score]:
-        """Scores in the order of ``pieces`` (started now if not yet); a line as each finishes."""
-        pending = {self.start(p): i for i, p in enumerate(pieces)}
-        results: dict[int, Score] = {}
+        """Scores in the order of ``pieces`` (started now if not yet), each the mean over the seeds; a
+        line as each classifier finishes."""
+        pending = {ref: (i, j) for i, p in enumerate(pieces) for j, ref in enumerate(self.start(p))}
+        results: dict[tuple[int, int], Score] = {}
+        total = len(pending)
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
-            i = pending.pop(ready[0])
-            res = results[i] = ray.get(ready[0])
+            i, j = pending.pop(ready[0])
+            res = results[i, j] = ray.get(ready[0])
             res.train = pieces[i].set_dir
             what = f"{pieces[i].set_dir} (stratified prefix)" if pieces[i].prefix else pieces[i].set_dir
-            log.info("cas: %s: top-1 %.4f, top-5 %.4f (best epoch %d of %d, %d images, %.1fs) [%d/%d]", what, res.top1,
-                     res.top5, res.best_epoch, res.epochs_run, res.num_images, res.seconds, len(results), len(pieces))
+            seed = f", seed {j + 1} of {len(self.jobs)}" if len(self.jobs) > 1 else ""
+            log.info("cas: %s: top-1 %.4f, top-5 %.4f (best epoch %d of %d, %d images, %.1fs%s) [%d/%d]", what,
+                     res.top1, res.top5, res.best_epoch, res.epochs_run, res.num_images, res.seconds, seed,
+                     len(results), total)
         for p in pieces:
-            Scorer._started.pop((p, repr(self.job)), None)
-        return [results[i] for i in range(len(pieces))]
+            for job in self.jobs:
+                Scorer._started.pop((p, repr(job)), None)
+        return [mean_over_seeds([results[i, j] for j in range(len(self.jobs))], self.seeds)
+                for i in range(len(pieces))]
 
 
 def cas_of_set(cfg: Config, train_dir: str, **kwargs: Any) -> Score:
