@@ -175,12 +175,17 @@ def _generate(run: Run, out: dict, restart: bool) -> dict:
 
 def _scaling(run: Run, out: dict, restart: bool) -> dict:
     """Table 2: the real training split and every x_k (its classifier perhaps started while generating)."""
-    from raysd.stages.evaluate import Scorer, scaling_slices
+    from raysd.stages.evaluate import Scorer, TwoSample, scaling_slices
 
     counts = _scale_counts(run, out)
     pieces = scaling_slices(run, out["generate"]["set"], list(counts.values()))
+    two = TwoSample(run.cfg, pieces[0], pieces[1], next(iter(counts)))  # the smallest scale against the real data
     scores = Scorer(run.cfg, len(pieces)).collect(pieces)
-    return {name: score.scale_json() for name, score in zip(["real", *counts], scores)}
+    rows = {name: score.scale_json() for name, score in zip(["real", *counts], scores)}
+    return {**rows, **({TWO_SAMPLE: found} if (found := two.result()) else {})}
+
+
+TWO_SAMPLE = "two_sample"  # beside the rows of the scaling stage's outputs (raysd.run.results reads it)
 
 
 def _report(run: Run, out: dict, restart: bool) -> dict:

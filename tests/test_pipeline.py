@@ -78,6 +78,9 @@ def test_demo_pipeline_results_report_and_invalidation(reference):
     assert len(res["per_class"]["x1"]["predictions"]) == sum(counts)
     md = (run / "report.md").read_text()
     assert "balanced acc. %" in md and "majority class" in md and "x2 against real: top1" in md
+    two = res["two_sample"]  # the label-free check of the smallest synthetic set against the real train split
+    assert two["set"] == "x1" and 0 <= two["interval"][0] <= two["accuracy"] <= two["interval"][1] <= 1
+    assert two["images_per_kind"] == 48 and "Real or synthetic: a ResNet20" in md
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["provenance"]["versions"]["ray"] and manifest["provenance"]["config_hash"]
     from raysd.data.models import _load_models  # the after_k CAS ran on this driver: no generator kept after it

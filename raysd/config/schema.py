@@ -227,6 +227,10 @@ class CasConfig:
                                            "restored)", ge=1, affects=CAS)
     seeds: int = setting(3, "classifier seeds per Table 2 row and `raysd cas` (real data and each scale): top1 is "
                             "their mean, each seed's scores are kept with their sd", ge=1, affects=("scaling",))
+    two_sample_images: int = setting(5000, "real-vs-synthetic two-sample test: images per kind (the smallest "
+                                     "scale's set against the real train split); 0: off", ge=0, affects=("scaling",))
+    two_sample_epochs: int = setting(10, "epochs of the two-sample test's standard ResNet20", ge=1,
+                                     affects=("scaling",))
     eval_batch_size: int = setting(1024, "batch for val/test evaluation", ge=1, affects=OPERATIONAL)
     compile: bool = setting(False, "torch.compile the classifier (worth it on a GPU for the 100-epoch protocol)", affects=OPERATIONAL)
     image_size: int | None = setting(None, "None: classify at the dataset's size (the paper); N: area-resize "

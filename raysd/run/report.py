@@ -231,6 +231,19 @@ def table2(res: dict[str, Any]) -> tuple[str, str]:
                    "macro-F1 %", "AUC", "top-5 %", "paper top-1 %"], rows)
 
 
+def two_sample_lines(res: dict[str, Any]) -> list[str]:
+    """The label-free check: how well a classifier told the synthetic images from real ones."""
+    t = res.get("two_sample")
+    if not t:
+        return []
+    lo, hi = (100 * x for x in t["interval"])
+    verdict = ("it could not tell them apart" if lo <= 50 else
+               "they are trivially told apart" if lo >= 95 else "they are told apart, not trivially")
+    return [f"Real or synthetic: a ResNet20 trained to tell the real train images from {t['set']}'s scored "
+            f"{100 * t['accuracy']:.1f} % ({lo:.1f} to {hi:.1f}) on {t['test_images']} held-out images, AUC "
+            f"{t['auc']:.3f} (50 %: indistinguishable; 100 %: trivially told apart): {verdict}."]
+
+
 def comparison_lines(res: dict[str, Any]) -> list[str]:
     """One sentence per paired comparison: a difference is called a gain or a loss only when its
     95 % paired-bootstrap interval excludes 0."""
@@ -327,9 +340,9 @@ def _text(res: dict[str, Any], pngs: dict[str, bytes]) -> tuple[str, str]:
     ]
     md = [f"# {title}", "", *[f"- {n}" for n in notes], ""]
     body = [f"<h1>{html.escape(title)}</h1><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>"]
-    claims = comparison_lines(res)
-    if claims:  # what the differences support, before the tables that show them
-        heading = "What the differences support (95 % paired bootstrap over the test split)"
+    claims = two_sample_lines(res) + comparison_lines(res)
+    if claims:  # what the numbers support, before the tables that show them
+        heading = "What the numbers support (95 % intervals over the test images)"
         md += [f"## {heading}", "", *[f"- {c}" for c in claims], ""]
         body.append(f"<h2>{html.escape(heading)}</h2><ul>" + "".join(f"<li>{html.escape(c)}</li>" for c in claims)
                     + "</ul>")

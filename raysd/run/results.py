@@ -73,7 +73,7 @@ def build_results(cfg: Config, manifest: dict[str, Any]) -> dict[str, Any]:
     """Assemble and write RUN/results.json from the completed stages' outputs."""
     st = {k: v.get("outputs", {}) for k, v in manifest["stages"].items() if v.get("status") == "complete"}
     steps = table1(st)
-    scaling = {name: Score.from_scale_json(r) for name, r in st.get("scaling", {}).items()}
+    scaling = {name: Score.from_scale_json(r) for name, r in st.get("scaling", {}).items() if name != "two_sample"}
     timings = {k: round(v.get("seconds", 0.0), 2) for k, v in manifest["stages"].items() if v.get("status") == "complete"}
     gen = st.get("generate", {})
     results = {
@@ -86,6 +86,7 @@ def build_results(cfg: Config, manifest: dict[str, Any]) -> dict[str, Any]:
         "scaling": {k: s.table2_row() for k, s in scaling.items()},
         "baselines": _baselines(st),
         "comparisons": comparisons(cfg, steps, scaling),
+        "two_sample": st.get("scaling", {}).get("two_sample"),
         "timings": timings,
         "per_class": {k: s.per_class for k, s in {**steps, **scaling}.items()},
         "class_names": st.get("prepare", {}).get("class_names"),

@@ -221,6 +221,41 @@ class Scorer:
                 for i in range(len(pieces))]
 
 
+def _two_sample_task(job: CasJob, real: SetSlice, synthetic: SetSlice, images: int, epochs: int) -> dict[str, Any]:
+    from raysd.core.two_sample import two_sample_test
+
+    job = _on_this_worker(job)
+    if job.device == "cpu":
+        torch.set_num_threads(max(1, job.threads))
+    return two_sample_test(read_slice(real)[0], read_slice(synthetic)[0], images=images, epochs=epochs, cas=job.cas,
+                           seed=job.seed, device=job.device, precision=job.precision)
+
+
+class TwoSample:
+    """The real-vs-synthetic two-sample test of one synthetic set, in a Ray task started at once
+    (beside the CAS classifiers); ``result()`` waits for it (None when cas.two_sample_images is 0)."""
+
+    def __init__(self, cfg: Config, real: SetSlice, synthetic: SetSlice, name: str):
+        self.name, self.ref = name, None
+        c = cfg.cas
+        if not c.two_sample_images:
+            return
+        device = connect(cfg)
+        task, job = _task(_two_sample_task, cfg, device, 2, 2, c)
+        n = min(c.two_sample_images, sum(r for _, _, r in real.shards), sum(r for _, _, r in synthetic.shards))
+        need = sizing.classifier_task(cfg, device, images=2 * n, side=max(real.image_shape[:2]), held_out=0)
+        self.ref = classifier_options(task, cfg, device, need).remote(job, real, synthetic, c.two_sample_images,
+                                                                      c.two_sample_epochs)
+
+    def result(self) -> dict[str, Any] | None:
+        if self.ref is None:
+            return None
+        res = {"set": self.name, **ray.get(self.ref)}
+        log.info("two-sample test: real vs %s told apart with %.1f %% accuracy on %d held-out images (50 %%: "
+                 "indistinguishable), AUC %.3f", self.name, 100 * res["accuracy"], res["test_images"], res["auc"])
+        return res
+
+
 def cas_of_set(cfg: Config, train_dir: str, **kwargs: Any) -> Score:
     """CAS of the whole set in ``train_dir`` (val/test default to the run's real splits)."""
     return Scorer(cfg, 1, **kwargs).collect([SetSlice.whole(train_dir)])[0]
