@@ -125,3 +125,24 @@ def test_fp32_precision_and_the_test_companion():
     assert tr.best_test is not None and 0 <= tr.best_test <= 1  # the test accuracy of the best-val weights
     state = tr.state_dict()
     assert state["best_test"] == tr.best_test
+
+
+def test_a_trainer_can_watch_balanced_accuracy_on_imbalanced_data(digits):
+    """search.metric=balanced_accuracy: the callbacks and best_val follow the mean recall over
+    classes, which a classifier that favours the commonest class cannot inflate."""
+    from raysd.core.metrics import balanced_accuracy
+
+    def skew(split, keep_other):  # class 0 whole, every other class cut to its first few images
+        y = split.labels
+        idx = np.concatenate([np.flatnonzero(y == 0)] + [np.flatnonzero(y == c)[:keep_other] for c in range(1, 10)])
+        return split.images[idx], y[idx]
+
+    train, val = skew(digits["train"], 12), skew(digits["val"], 6)
+    cfg = CasConfig(variant="standard", max_epochs=3, image_size=16, batch_size=32)
+    tr = CasTrainer(train, val, 10, cfg=cfg, seed=0, device="cpu", monitor="balanced_accuracy")
+    rows = [tr.train_epoch() for _ in range(3)]
+    tr.restore_best()
+    _, _, pred = tr.evaluate(tr.xv, tr.yv)
+    assert tr.best_val == pytest.approx(balanced_accuracy(val[1], pred.numpy()))
+    assert max(r["val_metric"] for r in rows) == tr.best_val
+    assert any(abs(r["val_metric"] - r["val_top1"]) > 0.05 for r in rows)  # they differ on this split

@@ -246,6 +246,9 @@ class SearchConfig:
     num_images: int = setting(4000, "generated per trial, class-balanced", ge=1, affects=("after_1", "after_3") + SEARCHES)
     scheduler: Literal["hyperband", "asha"] = setting("hyperband", "trial scheduler; time unit = classifier epoch", affects=SEARCHES)
     objective: Literal["val", "test"] = setting("val", "\"test\" reproduces the paper (leaks the test set)", affects=SEARCHES)
+    metric: Literal["top1", "balanced_accuracy"] = setting(
+        "top1", "what a trial's classifier is scored by (its callbacks watch it on val too): top1, the paper's; "
+        "balanced_accuracy (mean recall over classes) for imbalanced data", affects=SEARCHES)
     min_inference_steps: int = setting(5, "lower bound of IS (inclusive)", ge=1, le="model.num_train_timesteps", affects=SEARCHES)
     max_inference_steps: int = setting(50, "upper bound of IS in phase 1 (phase 2: IS*)",
                                        ge="search.min_inference_steps", le="model.num_train_timesteps", affects=("search_1",))

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from raysd.config import CasConfig
 from raysd.errors import RaysdError
 from raysd.core.models.resnet import resnet20
-from raysd.core.metrics import split_metrics
+from raysd.core.metrics import balanced_accuracy, split_metrics
 from raysd.core.precision import classifier_autocast
 
 
@@ -125,9 +125,13 @@ class CasTrainer:
     """ResNet20 on device-resident uint8 data, one epoch per :meth:`train_epoch` call."""
 
     def __init__(self, train: Any, val: Any, num_classes: int, *, cfg: CasConfig | None = None, seed: int = 0,
-                 device: torch.device | str | None = None, precision: str = "auto", test: Any = None):
-        """``test``: also score each new best-val model on it (``best_test``), as the released search did."""
+                 device: torch.device | str | None = None, precision: str = "auto", test: Any = None,
+                 monitor: str = "top1"):
+        """``test``: also score each new best-val model on it (``best_test``), as the released search did.
+        ``monitor``: the validation metric the callbacks watch and ``best_val`` holds (``top1``, the
+        paper's, or ``balanced_accuracy`` for imbalanced data); ``best_test`` is the same metric."""
         self.cfg = cfg or CasConfig()
+        self.monitor = monitor
         self.device = torch.device(device) if device is not None else default_device()
         self.num_classes = num_classes
         xt, yt = as_arrays(train, "train")
@@ -202,22 +206,29 @@ class CasTrainer:
             loss.backward()
             self.opt.step()
             total += loss.detach() * len(idx)
-        val_top1 = self.evaluate(self.xv, self.yv)[0]
+        val_top1, val_metric = self._monitored(self.xv, self.yv)
         self.epoch += 1
-        self.plateau.step(val_top1, self.opt)  # Keras order: ReduceLROnPlateau, then EarlyStopping
-        if val_top1 > self.best_val:  # Keras EarlyStopping: strict improvement, min_delta 0; stop at wait >= patience
-            self.best_val, self.best_epoch, self.wait = val_top1, self.epoch, 0
+        self.plateau.step(val_metric, self.opt)  # Keras order: ReduceLROnPlateau, then EarlyStopping
+        if val_metric > self.best_val:  # Keras EarlyStopping: strict improvement, min_delta 0; stop at wait >= patience
+            self.best_val, self.best_epoch, self.wait = val_metric, self.epoch, 0
             self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             if self.xs is not None:
-                self.best_test = self.evaluate(self.xs, self.ys)[0]
+                self.best_test = self._monitored(self.xs, self.ys)[1]
         else:
             self.wait += 1
-        row = {"epoch": self.epoch, "train_loss": float(total) / n, "val_top1": val_top1,
+        row = {"epoch": self.epoch, "train_loss": float(total) / n, "val_top1": val_top1, "val_metric": val_metric,
                "lr": self.opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
         self.history.append(row)
         return row
 
     @torch.no_grad()
+    def _monitored(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        """(top-1, the monitored metric) of the current weights."""
+        top1, _, pred = self.evaluate(x, y)
+        if self.monitor == "top1":
+            return top1, top1
+        return top1, balanced_accuracy(y.cpu().numpy(), pred.cpu().numpy())
+
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (N, C) as float32 for uint8 (N, 3, H, W) on the device."""
         self.model.eval()

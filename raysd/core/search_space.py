@@ -92,7 +92,7 @@ def run_trial(params: dict[str, Any], *, images_fn: Callable[[dict[str, Any]], t
 
     images, labels, gen_seconds = images_fn(params)
     trainer = CasTrainer((images, labels), val_split, num_classes, cfg=cfg.cas, seed=cfg.seed, device=device,
-                         precision=precision, test=test_split)
+                         precision=precision, test=test_split, monitor=cfg.search.metric)
     if restored is not None:
         trainer.load_state_dict(restored)
     rate = len(labels) / gen_seconds if gen_seconds > 0 else None
@@ -101,7 +101,7 @@ def run_trial(params: dict[str, Any], *, images_fn: Callable[[dict[str, Any]], t
         objective = trainer.best_test if test_split is not None else trainer.best_val
         metrics = {
             "epoch": int(row["epoch"]), "cas": float(objective), "val_cas": float(trainer.best_val),
-            "epoch_cas": float(row["val_top1"]),
+            "epoch_cas": float(row["val_metric"]),
             "train_loss": float(row["train_loss"]), "finished": bool(trainer.done),
             "generation_seconds": float(gen_seconds), "images_per_second": rate,
             "classifier_seconds": float(row["seconds"]),
