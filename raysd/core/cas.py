@@ -221,7 +221,6 @@ class CasTrainer:
         self.history.append(row)
         return row
 
-    @torch.no_grad()
     def _monitored(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
         """(top-1, the monitored metric) of the current weights."""
         top1, _, pred = self.evaluate(x, y)
@@ -229,6 +228,7 @@ class CasTrainer:
             return top1, top1
         return top1, balanced_accuracy(y.cpu().numpy(), pred.cpu().numpy())
 
+    @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (N, C) as float32 for uint8 (N, 3, H, W) on the device."""
         self.model.eval()

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 
 GB = 1024**3
 MB = 1024**2
-# a Ray worker process with torch, diffusers and raysd imported (measured: 0.67 GB on the CPU)
-PROCESS_BYTES = 0.75 * GB
+# a Ray worker process with torch, diffusers and raysd imported: 0.67 GB idle on the CPU; Ray Data
+# measured a demo generation actor (a 1.7 M-parameter model) at up to 1.1 GB, and the SD2-base
+# training steps peaked 0.3-0.6 GB above the estimate with 0.75 (benchmarks/memory.py)
+PROCESS_BYTES = 1.0 * GB
 # the CAS classifier on the CPU (python benchmarks/memory.py --classifier; fp32, Adam, best-weights copy):
 # (bytes at batch 0, activation bytes per sample and pixel of the classified image)
 CLASSIFIER = {"paper": (575 * MB, 6.5 * 1024), "standard": (225 * MB, 2.1 * 1024)}
