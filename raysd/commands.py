@@ -149,7 +149,8 @@ def cmd_cas(args: argparse.Namespace) -> int:
     result = {k: v for k, v in dataclasses.asdict(score).items() if k in CAS_KEYS}
     result.update(score.metrics, dataset=cfg.dataset.name, variant=args.variant or cfg.cas.variant)
     if args.out:
-        storage.write_bytes(args.out, (json.dumps({**result, "predictions": score.predictions}, indent=2) + "\n").encode())
+        saved = {**result, "predictions": score.predictions}  # per test image: paired comparisons of two sets
+        storage.write_bytes(args.out, (json.dumps(saved, indent=2) + "\n").encode())
     print(json.dumps({k: v for k, v in result.items() if k not in ("confusion", "per_class_accuracy")}, indent=2))
     return 0
 

@@ -33,7 +33,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         # runs vs 88.6 % (a 300-image CAS moves 0.7-3.2 points between seeds), x2 0.92 of real vs 0.94
         "finetune.global_batch_size": 48,
         "finetune.lr": 2e-3,
-        "cas.seeds": 1,  # one classifier per Table 2 row keeps the demo at ~5 minutes; the intervals still show the test split's noise
+        "cas.seeds": 1,  # one classifier per Table 2 row keeps the demo short; its intervals show the test split's noise
         # 150 steps: at batch 64, 180 gave no better CAS (x2 0.92 of real vs 0.94) for 10 s more, 120
         # fell to 0.91
         "finetune.steps_per_epoch": 50,

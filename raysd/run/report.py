@@ -253,8 +253,8 @@ def comparison_lines(res: dict[str, Any]) -> list[str]:
         parts = []
         for metric, d in by_metric.items():
             lo, hi = (100 * x for x in d["interval"])
-            verdict = (f"{a} {'better' if d['difference'] > 0 else 'worse'} beyond the noise" if d["clear"]
-                       else "inside the noise: no claim")
+            better = "better" if d["difference"] > 0 else "worse"
+            verdict = f"{a} {better} beyond the test split's noise" if d["clear"] else "inside the noise: no claim"
             parts.append(f"{metric.replace('_', ' ')} {100 * d['difference']:+.1f} points ({lo:+.1f} to {hi:+.1f}; "
                          f"{verdict})")
         lines.append(f"{a} against {b}: " + "; ".join(parts) + ".")

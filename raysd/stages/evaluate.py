@@ -231,6 +231,9 @@ def _two_sample_task(job: CasJob, real: SetSlice, synthetic: SetSlice, images: i
                            seed=job.seed, device=job.device, precision=job.precision)
 
 
+MIN_TWO_SAMPLE = 8  # images per kind: two for each of its quarters and more for its training half
+
+
 class TwoSample:
     """The real-vs-synthetic two-sample test of one synthetic set, in a Ray task started at once
     (beside the CAS classifiers); ``result()`` waits for it (None when cas.two_sample_images is 0)."""
@@ -243,6 +246,9 @@ class TwoSample:
         device = connect(cfg)
         task, job = _task(_two_sample_task, cfg, device, 2, 2, c)
         n = min(c.two_sample_images, sum(r for _, _, r in real.shards), sum(r for _, _, r in synthetic.shards))
+        if n < MIN_TWO_SAMPLE:
+            log.info("two-sample test: skipped, %d images per kind (it needs %d)", n, MIN_TWO_SAMPLE)
+            return
         need = sizing.classifier_task(cfg, device, images=2 * n, side=max(real.image_shape[:2]), held_out=0)
         self.ref = classifier_options(task, cfg, device, need).remote(job, real, synthetic, c.two_sample_images,
                                                                       c.two_sample_epochs)
