@@ -175,6 +175,7 @@ def _generate(run: Run, out: dict, restart: bool) -> dict:
 
 def _scaling(run: Run, out: dict, restart: bool) -> dict:
     """Table 2: the real training split and every x_k (its classifier perhaps started while generating)."""
+    from raysd.run.results import TWO_SAMPLE
     from raysd.stages.evaluate import Scorer, TwoSample, scaling_slices
 
     counts = _scale_counts(run, out)
@@ -183,9 +184,6 @@ def _scaling(run: Run, out: dict, restart: bool) -> dict:
     scores = Scorer(run.cfg, len(pieces)).collect(pieces)
     rows = {name: score.scale_json() for name, score in zip(["real", *counts], scores)}
     return {**rows, **({TWO_SAMPLE: found} if (found := two.result()) else {})}
-
-
-TWO_SAMPLE = "two_sample"  # beside the rows of the scaling stage's outputs (raysd.run.results reads it)
 
 
 def _report(run: Run, out: dict, restart: bool) -> dict:

@@ -95,9 +95,10 @@ def write_resume(root: str, epoch: int, *, optimizer_state: dict[str, Any], extr
     storage.write_bytes(storage.join(d, OPT_JSON), text)
     files = {OPT_FILE: _save_tensors(storage.join(d, OPT_FILE), tensors), OPT_JSON: storage.sha256_bytes(text)}
     storage.write_json(storage.join(d, RESUME_JSON), {"epoch": epoch, "weights_sha256": weights_sha, "files": files})
-    older = [e for e in _epochs_in(storage.join(root, RESUME), RESUME_JSON) if e <= epoch - keep]
-    unfinished = [e for e in _epochs_in(storage.join(root, RESUME), None) if e < epoch and e not in
-                  _epochs_in(storage.join(root, RESUME), RESUME_JSON)]  # cut short before their record
+    recorded = _epochs_in(storage.join(root, RESUME), RESUME_JSON)
+    older = [e for e in recorded if e <= epoch - keep]
+    unfinished = [e for e in _epochs_in(storage.join(root, RESUME), None)
+                  if e < epoch and e not in recorded]  # cut short before their record
     for e in older + unfinished:
         storage.remove(resume_dir(root, e))
 
@@ -125,23 +126,28 @@ def weights_sha(directory: str) -> str:
     return sha
 
 
-def _read_verified(directory: str, name: str, sha: str) -> bytes:
+def _listed(directory: str, name: str) -> str:
+    """The path of a file the record lists; refused in one line when it is missing."""
     path = storage.join(directory, name)
     if not storage.exists(path):
         raise RaysdError(f"checkpoint {directory}: {name} is missing")
-    data = storage.read_bytes(path)
-    if storage.sha256_bytes(data) != sha:
+    return path
+
+
+def _matches(directory: str, name: str, actual: str, sha: str) -> None:
+    if actual != sha:
         raise RaysdError(f"checkpoint {directory}: {name} is damaged (SHA-256 mismatch: truncated or altered)")
+
+
+def _read_verified(directory: str, name: str, sha: str) -> bytes:
+    data = storage.read_bytes(_listed(directory, name))
+    _matches(directory, name, storage.sha256_bytes(data), sha)
     return data
 
 
 def _check_file(directory: str, name: str, sha: str) -> None:
     """A listed file exists and matches its checksum (hashed in chunks, never held whole)."""
-    path = storage.join(directory, name)
-    if not storage.exists(path):
-        raise RaysdError(f"checkpoint {directory}: {name} is missing")
-    if storage.sha256_file(path) != sha:
-        raise RaysdError(f"checkpoint {directory}: {name} is damaged (SHA-256 mismatch: truncated or altered)")
+    _matches(directory, name, storage.sha256_file(_listed(directory, name)), sha)
 
 
 def _load_tensors(directory: str, name: str, sha: str) -> dict[str, torch.Tensor]:
@@ -149,12 +155,8 @@ def _load_tensors(directory: str, name: str, sha: str) -> dict[str, torch.Tensor
     mapped), so a 3.5 GB UNet costs its tensors once, not also a 3.5 GB bytes object."""
     from safetensors.torch import load_file
 
-    path = storage.join(directory, name)
-    if not storage.exists(path):
-        raise RaysdError(f"checkpoint {directory}: {name} is missing")
-    with storage.local_copy(path) as local:
-        if storage.sha256_file(local) != sha:
-            raise RaysdError(f"checkpoint {directory}: {name} is damaged (SHA-256 mismatch: truncated or altered)")
+    with storage.local_copy(_listed(directory, name)) as local:
+        _matches(directory, name, storage.sha256_file(local), sha)
         try:
             return load_file(local)
         except Exception as e:  # SafetensorError on a malformed header

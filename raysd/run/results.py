@@ -42,6 +42,8 @@ def table1(st: dict[str, Any]) -> dict[str, Score]:
     return {k: rows[k] for k in ("after_1", "after_2", "after_3", "after_4") if k in rows}
 
 
+TWO_SAMPLE = "two_sample"  # the scaling stage's two-sample test, beside its rows in the manifest's outputs
+
 # the differences the report may call a gain: each scale against real data, each step against the one before
 STEP_PAIRS = (("after_2", "after_1"), ("after_3", "after_2"), ("after_4", "after_3"))
 
@@ -73,7 +75,7 @@ def build_results(cfg: Config, manifest: dict[str, Any]) -> dict[str, Any]:
     """Assemble and write RUN/results.json from the completed stages' outputs."""
     st = {k: v.get("outputs", {}) for k, v in manifest["stages"].items() if v.get("status") == "complete"}
     steps = table1(st)
-    scaling = {name: Score.from_scale_json(r) for name, r in st.get("scaling", {}).items() if name != "two_sample"}
+    scaling = {name: Score.from_scale_json(r) for name, r in st.get("scaling", {}).items() if name != TWO_SAMPLE}
     timings = {k: round(v.get("seconds", 0.0), 2) for k, v in manifest["stages"].items() if v.get("status") == "complete"}
     gen = st.get("generate", {})
     results = {
@@ -86,7 +88,7 @@ def build_results(cfg: Config, manifest: dict[str, Any]) -> dict[str, Any]:
         "scaling": {k: s.table2_row() for k, s in scaling.items()},
         "baselines": _baselines(st),
         "comparisons": comparisons(cfg, steps, scaling),
-        "two_sample": st.get("scaling", {}).get("two_sample"),
+        "two_sample": st.get("scaling", {}).get(TWO_SAMPLE),
         "timings": timings,
         "per_class": {k: s.per_class for k, s in {**steps, **scaling}.items()},
         "class_names": st.get("prepare", {}).get("class_names"),

@@ -77,6 +77,14 @@ def accelerators(cfg: Config) -> float:
     return float(ray.cluster_resources().get(cfg.resources.accelerator, 0.0))
 
 
+def worker_device(device: str) -> str:
+    """The device a Ray worker runs on: CUDA only when the worker holds a GPU (a custom accelerator
+    resource, such as the tests' stand-in, holds none: such a worker runs on its CPU)."""
+    if device != "cuda":
+        return device
+    return "cuda" if ray.get_gpu_ids() else "cpu"
+
+
 def node_memory() -> list[float]:
     """Ray's ``memory`` resource of each alive node, bytes (what workers' memory requests are scheduled against)."""
     return [float(n.get("Resources", {}).get("memory", 0.0)) for n in ray.nodes() if n.get("Alive")]

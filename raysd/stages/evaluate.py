@@ -31,7 +31,7 @@ from raysd.errors import RaysdError
 from raysd.run.rundir import Run
 from raysd.run.scores import Score, mean_over_seeds
 from raysd.run import sizing
-from raysd.stages.cluster import accelerator_memory, connect
+from raysd.stages.cluster import accelerator_memory, connect, worker_device
 
 log = logging.getLogger("raysd")
 
@@ -104,11 +104,8 @@ def read_slice(piece: SetSlice) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _on_this_worker(job: CasJob) -> CasJob:
-    """The job as this task runs it: on CUDA only when the task holds a GPU (a custom accelerator
-    resource, e.g. a test's stand-in, holds none)."""
-    if job.device == "cuda" and not ray.get_gpu_ids():
-        return CasJob(job.cas, job.num_classes, job.seed, "cpu", job.threads, job.precision)
-    return job
+    """The job as this task runs it (:func:`raysd.stages.cluster.worker_device`)."""
+    return dataclasses.replace(job, device=worker_device(job.device))
 
 
 def _set_task(job: CasJob, piece: SetSlice, val: tuple, test: tuple) -> Score:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -36,7 +37,7 @@ from raysd.run.generators import spec_identity, spec_provenance
 from raysd.run.locking import check_held
 from raysd.run.rundir import Run, claim
 from raysd.run import sizing
-from raysd.stages.cluster import accelerator_capacity, accelerator_memory, accelerators, connect
+from raysd.stages.cluster import accelerator_capacity, accelerator_memory, accelerators, connect, worker_device
 
 log = logging.getLogger("raysd")
 
@@ -67,8 +68,7 @@ class ShardGenerator:
     def __init__(self, job: ShardJob):
         import torch
 
-        if job.device == "cuda" and not ray.get_gpu_ids():  # a custom accelerator resource holds no GPU
-            job = ShardJob(job.spec, job.out_dir, "cpu", job.threads, job.batch_size, job.keep_full)
+        job = dataclasses.replace(job, device=worker_device(job.device))  # a custom accelerator holds no GPU
         if job.device == "cpu":
             torch.set_num_threads(max(1, job.threads))
         self.job = job

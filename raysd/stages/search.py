@@ -29,7 +29,7 @@ from raysd.run.rundir import Run, check_claim, claim
 from raysd.run.scores import SearchBest
 from raysd.run.search_outputs import write_outputs
 from raysd.run import sizing
-from raysd.stages.cluster import accelerator_capacity, accelerator_memory, connect, node_memory
+from raysd.stages.cluster import accelerator_capacity, accelerator_memory, connect, node_memory, worker_device
 from raysd.stages.prepare import ensure_prepared
 from raysd.stages.search_trial import STATE_FILE, TrialContext, search_trial
 from raysd.stages.tuning import (INFORMED_BY, STUDY_AT_SUGGESTION, TRIAL_INDEX, TrialLogger, load_study,
@@ -261,5 +261,5 @@ def _score_best(run: Run, result, device: str) -> SplitScores:  # noqa: ANN001
 
 
 def _score_on_worker(*args: Any, device: str, **kwargs: Any) -> SplitScores:
-    """score_state in a task: on CUDA when the task holds a GPU (a custom accelerator resource holds none)."""
-    return score_state(*args, device="cuda" if device == "cuda" and ray.get_gpu_ids() else "cpu", **kwargs)
+    """score_state in a task, on the device this task holds (:func:`worker_device`)."""
+    return score_state(*args, device=worker_device(device), **kwargs)

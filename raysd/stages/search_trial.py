@@ -30,6 +30,7 @@ from raysd.faults import maybe_fail
 from raysd.run import legacy
 from raysd.run.generators import spec_for, spec_identity
 from raysd.run.rundir import Run
+from raysd.stages.cluster import worker_device
 
 STATE_FILE = "trial_state.pt"
 
@@ -58,7 +59,7 @@ def search_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     """The Tune function trainable: ``config`` holds the searched parameters."""
     cfg = ctx.run.cfg
     ck.sweep_tmpdirs()  # what a trial killed here before left behind
-    device = "cuda" if ctx.device == "cuda" and _has_gpu() else "cpu"
+    device = worker_device(ctx.device)
     if device == "cpu":
         torch.set_num_threads(ctx.threads)
     params = {k: config[k] for k in PARAMS}
@@ -88,10 +89,6 @@ def search_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     run_trial(params, images_fn=lambda p: trial_images(ctx, p, device), val_split=ctx.val, num_classes=ctx.num_classes,
               cfg=cfg, device=device, report=report, restored=restored, test_split=ctx.test,
               precision=cfg.model.precision)
-
-
-def _has_gpu() -> bool:
-    return bool(ray.get_gpu_ids())
 
 
 def trial_spec(ctx: TrialContext, params: dict[str, Any]) -> GeneratorSpec:
