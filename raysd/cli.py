@@ -154,6 +154,7 @@ def _cas_and_search_parsers(sub) -> None:  # noqa: ANN001
     _add_config_flags(s)
     s.add_argument("--train", required=True, help="the set to train on (a directory), or 'real' with --run")
     s.add_argument("--variant", choices=["paper", "standard"], help="ResNet20 variant (default: cas.variant)")
+    s.add_argument("--protocol", choices=["paper", "strong"], help="classifier recipe (default: cas.protocol)")
     s.add_argument("--out", help="write the result as JSON here")
     s.set_defaults(func=cmd.cmd_cas)
     s = sub.add_parser("search", help="steps 2/4: search IS, UGS and the checkpoint epoch (Ray Tune)",
@@ -221,6 +222,15 @@ def _run_dir_parsers(sub) -> None:  # noqa: ANN001
     _add_config_flags(s, run_flag="--run")
     s.add_argument("--reference", action="store_true", help="print the reference of every key (Markdown) instead")
     s.set_defaults(func=cmd.cmd_config)
+    s = sub.add_parser("audit", help="privacy audit of a finished run's largest synthetic set (exit 1: flagged)",
+                       description="Near-copies of training images (distance to the closest training image against "
+                                   "held-out real images'), memorisation ratio, near-duplicates and membership "
+                                   "inference for the largest synthetic set of a finished run; adds them to its "
+                                   "results.json and report. Exit 0: passed, 1: flagged by the stated rule.")
+    s.add_argument("run_path", metavar="RUN_DIR")
+    s.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
+                   help="an audit.* setting, e.g. --set audit.allowed_share=0.02 (repeatable)")
+    s.set_defaults(func=cmd.cmd_audit)
     s = sub.add_parser("verify", help="check every file of a run against its recorded checksum",
                        description="Check every image set, checkpoint, base model and cached trial image of RUN_DIR "
                                    "against the SHA-256 recorded beside it; name each damaged file. Exit 1 when "

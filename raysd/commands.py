@@ -145,9 +145,12 @@ def cmd_cas(args: argparse.Namespace) -> int:
         val, test, num_classes = real_splits_from_dataset(cfg.dataset.name, cfg.dataset.data_dir, cfg.dataset.download)
         check_compatible(args.train, num_classes, tuple(val[0].shape[1:]))
         train_dir = args.train
-    score = cas_of_set(cfg, train_dir, val=val, test=test, num_classes=num_classes, variant=args.variant)
+    protocol = args.protocol or cfg.cas.protocol
+    score = cas_of_set(cfg, train_dir, val=val, test=test, num_classes=num_classes, variant=args.variant,
+                       protocol=protocol)
     result = {k: v for k, v in dataclasses.asdict(score).items() if k in CAS_KEYS}
-    result.update(score.metrics, dataset=cfg.dataset.name, variant=args.variant or cfg.cas.variant)
+    result.update(score.metrics, dataset=cfg.dataset.name, protocol=protocol,
+                  variant="standard" if protocol == "strong" else args.variant or cfg.cas.variant)
     if args.out:
         saved = {**result, "predictions": score.predictions}  # per test image: paired comparisons of two sets
         storage.write_bytes(args.out, (json.dumps(saved, indent=2) + "\n").encode())
@@ -237,6 +240,36 @@ def cmd_config(args: argparse.Namespace) -> int:
         return 0
     print(json.dumps(config_from_args(args).to_dict(), indent=2))
     return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """The audit stage (and the report) on a finished run: its saved settings, audit.* from --set."""
+    from raysd import config as C
+    from raysd import pipeline
+    from raysd.run.manifest import read_manifest
+
+    bad = [k for k in C.parse_set_flags(args.set) if not k.startswith("audit.")]
+    if bad:
+        raise RaysdError(f"audit: only audit.* settings may be changed here; got {', '.join(bad)}")
+    from raysd.run.rundir import Run
+
+    ns = argparse.Namespace(set=[*args.set, "audit.enabled=true"], config=None, preset=None, run_dir=args.run_path)
+    cfg = config_from_args(ns)
+    _require_run(cfg, "audit")
+    stages = read_manifest(cfg.run_dir)["stages"]
+    if stages.get("scaling", {}).get("status") != "complete":
+        raise RaysdError(f"audit: {args.run_path} is not finished (its scaling stage is not complete); finish it "
+                         f"with `raysd run --out {args.run_path}` first")
+    others = [s for s in pipeline.check_changes(Run(cfg), read_manifest(cfg.run_dir), redo=True)
+              if s not in ("audit", "report")]
+    if others:
+        raise RaysdError(f"audit: {args.run_path} was made with settings this raysd reads differently ({', '.join(others)} "
+                         "would be redone); rerun it with `raysd run` first")
+    res = pipeline.run(cfg, redo=True)
+    from raysd.run.privacy_report import privacy_lines
+
+    print("\n".join(privacy_lines(res)))
+    return 1 if res["privacy"]["verdict"]["flagged"] else 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -1,7 +1,7 @@
 """The whole method as resumable stages recorded in ``RUN/manifest.json``.
 
 prepare -> [pretrain, demo only] -> train_encoder -> after_1 -> search_1 -> finetune -> after_3
--> search_2 -> generate -> scaling -> report. (after_2 and after_4 are the best trials of the
+-> search_2 -> generate -> scaling -> audit -> report. (after_2 and after_4 are the best trials of the
 searches: the same 4000-image CAS, already measured.)
 
 Each stage has a key: the settings that determine its output (the schema says which,
@@ -174,16 +174,17 @@ def _generate(run: Run, out: dict, restart: bool) -> dict:
 
 
 def _scaling(run: Run, out: dict, restart: bool) -> dict:
-    """Table 2: the real training split and every x_k (its classifier perhaps started while generating)."""
-    from raysd.run.results import TWO_SAMPLE
-    from raysd.stages.evaluate import Scorer, TwoSample, scaling_slices
+    """Table 2: the real training split and every x_k (:func:`raysd.stages.evaluate.scaling_table`)."""
+    from raysd.stages.evaluate import scaling_table
 
-    counts = _scale_counts(run, out)
-    pieces = scaling_slices(run, out["generate"]["set"], list(counts.values()))
-    two = TwoSample(run.cfg, pieces[0], pieces[1], next(iter(counts)))  # the smallest scale against the real data
-    scores = Scorer(run.cfg, len(pieces)).collect(pieces)
-    rows = {name: score.scale_json() for name, score in zip(["real", *counts], scores)}
-    return {**rows, **({TWO_SAMPLE: found} if (found := two.result()) else {})}
+    return scaling_table(run, out["generate"]["set"], _scale_counts(run, out))
+
+
+def _audit(run: Run, out: dict, restart: bool) -> dict:
+    """The privacy audit of the largest synthetic set (:func:`raysd.stages.audit.audit_run`)."""
+    from raysd.stages.audit import audit_run
+
+    return audit_run(run, out["generate"]["set"], _scale_counts(run, out))
 
 
 def _report(run: Run, out: dict, restart: bool) -> dict:
@@ -233,6 +234,8 @@ STAGES: list[Stage] = [
                                                                 "guidance_scale", "encoder_epoch", "unet_epoch"),
                             "encoder": o["train_encoder"]["checkpoints"], "unet": o["finetune"]["checkpoints"]}),
     Stage("scaling", _scaling, uses=("prepare", "generate"),
+          inputs=lambda o: {**_fp(o), "set": o["generate"]["fingerprint"]}),
+    Stage("audit", _audit, uses=("prepare", "generate"), enabled=lambda c: c.audit.enabled,
           inputs=lambda o: {**_fp(o), "set": o["generate"]["fingerprint"]}),
     Stage("report", _report, uses=tuple(n for n in PIPELINE_STAGES if n != "report"),
           inputs=lambda o: {"outputs": fingerprint(o)}),

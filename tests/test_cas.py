@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from raysd.core.cas import CasTrainer, train_and_evaluate
+from raysd.core.strong import STRONG_BATCH, crop_and_flip, one_cycle
 from raysd.config import CasConfig
 from raysd.data.sources import load_dataset
 from raysd.errors import RaysdError
@@ -54,8 +55,9 @@ def test_callback_can_stop_and_early_stopping_restores_best(digits):
     assert tr.wait == 2 and tr.epoch < 50  # stopped by patience
 
 
-def test_pause_and_resume_equals_uninterrupted(digits):
-    cfg = CasConfig(variant="standard", max_epochs=3, batch_size=64)
+@pytest.mark.parametrize("protocol", ["paper", "strong"])
+def test_pause_and_resume_equals_uninterrupted(digits, protocol):
+    cfg = CasConfig(variant="standard", max_epochs=3, batch_size=64, protocol=protocol, strong_epochs=3)
     data = (digits["train"].images[:256], digits["train"].labels[:256])
     val = (digits["val"].images[:64], digits["val"].labels[:64])
     a = CasTrainer(data, val, 10, cfg=cfg, seed=5, device="cpu")
@@ -146,3 +148,42 @@ def test_a_trainer_can_watch_balanced_accuracy_on_imbalanced_data(digits):
     assert tr.best_val == pytest.approx(balanced_accuracy(val[1], pred.numpy()))
     assert max(r["val_metric"] for r in rows) == tr.best_val
     assert any(abs(r["val_metric"] - r["val_top1"]) > 0.05 for r in rows)  # they differ on this split
+
+
+def test_the_strong_protocol_schedule_and_augmentation():
+    """One-cycle: a tenth of the peak at step 0, the peak after 20 % of the steps, 0 after the last;
+    crops are windows of the reflect-padded image, flips mirror them, both drawn from the generator."""
+    lrs = [one_cycle(i, 100, 0.1) for i in range(101)]
+    assert lrs[0] == pytest.approx(0.01) and max(lrs) == pytest.approx(0.1) and lrs.index(max(lrs)) == 20
+    assert lrs[100] == 0.0 and all(a <= b for a, b in zip(lrs[:20], lrs[1:21])) and all(
+        a >= b for a, b in zip(lrs[20:], lrs[21:]))
+    x = torch.rand(64, 3, 16, 16)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")
+    out = crop_and_flip(x, torch.Generator().manual_seed(0), flip=True)
+    again = crop_and_flip(x, torch.Generator().manual_seed(0), flip=True)
+    assert out.shape == x.shape and torch.equal(out, again)
+    windows = [padded[:, :, i:i + 16, j:j + 16] for i in range(5) for j in range(5)]
+    mirrored = 0
+    for b in range(64):
+        plain = any(torch.equal(out[b], w[b]) for w in windows)
+        flipped = any(torch.equal(out[b], w[b].flip(2)) for w in windows)
+        assert plain or flipped, b
+        mirrored += flipped and not plain
+    assert 10 < mirrored < 54  # about half
+    moved = crop_and_flip(x, torch.Generator().manual_seed(1), flip=False)
+    assert all(any(torch.equal(moved[b], w[b]) for w in windows) for b in range(64))
+    assert sum(torch.equal(moved[b], x[b]) for b in range(64)) < 16  # most crops are shifted
+
+
+def test_the_strong_protocol_on_digits(digits):
+    """He et al.'s ResNet20 with crops, SGD-Nesterov and one cycle: every epoch runs (no early stopping),
+    the LR ends at 0, and it classifies digits (mirror flips off: a mirrored digit is another one)."""
+    cfg = CasConfig(protocol="strong", strong_flip=False, image_size=16, min_steps_per_epoch=10)
+    tr = CasTrainer(digits["train"], digits["val"], 10, cfg=cfg, device="cpu")
+    n = len(digits["train"].labels)
+    assert tr.model.variant == "standard" and isinstance(tr.opt, torch.optim.SGD)
+    assert tr.batch_size == min(STRONG_BATCH, n // 10) and tr.peak_lr == pytest.approx(0.1 * tr.batch_size / 128)
+    assert tr.opt.param_groups[0]["nesterov"] and tr.total_steps == 30 * -(-n // tr.batch_size)
+    res = train_and_evaluate(digits["train"], digits["val"], digits["test"], 10, cfg=cfg, seed=0, device="cpu")
+    assert res.epochs_run == 30 and res.history[-1]["lr"] < 0.1 * 0.05
+    assert res.top1 >= 0.97 and res.metrics["balanced_accuracy"] >= 0.97, res.top1

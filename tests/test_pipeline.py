@@ -24,6 +24,7 @@ FAST = {  # the tiny base pretrained in the run (the pretrain stage), not the de
     "finetune.global_batch_size": 16, "sampling.num_inference_steps": 3, "search.num_trials": 2,
     "search.num_images": 24, "search.min_inference_steps": 2, "search.max_inference_steps": 3, "cas.max_epochs": 2,
     "scale.scales": [1, 2], "scale.shard_size": 32, "resources.torch_threads": 1,
+    "cas.both_protocols": True, "cas.strong_epochs": 2,  # Table 2 under the strong protocol too
 }
 
 
@@ -78,9 +79,27 @@ def test_demo_pipeline_results_report_and_invalidation(reference):
     assert len(res["per_class"]["x1"]["predictions"]) == sum(counts)
     md = (run / "report.md").read_text()
     assert "balanced acc. %" in md and "majority class" in md and "x2 against real: top1" in md
+    other = res["other_protocol"]  # Table 2 under the strong protocol beside the paper's, with its comparisons
+    assert res["protocol"] == "paper" and other["protocol"] == "strong" and set(other["scaling"]) == {"real", "x1", "x2"}
+    assert other["scaling"]["x2"]["num_images"] == 96 and {"x1 - real", "x2 - real"} == set(other["comparisons"])
+    assert all("interval" in row for row in other["scaling"].values())
+    assert "Table 2 under the strong protocol" in md and "strong protocol: x2 against real" in md
     two = res["two_sample"]  # the label-free check of the smallest synthetic set against the real train split
     assert two["set"] == "x1" and 0 <= two["interval"][0] <= two["accuracy"] <= two["interval"][1] <= 1
     assert two["images_per_kind"] == 48 and "Real or synthetic: a ResNet20" in md
+    audit = res["privacy"]  # the audit of x2 against the train split, beside the held-out test images
+    assert audit["images"] == 96 and audit["held_out_images"] == 12 and audit["train_images"] == 48
+    assert set(audit["membership"]) >= {"real", "x1"} and 0 <= audit["membership"]["real"]["auc"] <= 1
+    assert audit["pixel"]["held_out_share_closer"] <= 0.1 and isinstance(audit["verdict"]["flagged"], bool)
+    assert audit["duplicates"]["images"] == 96 and (run / audit["picture"]).stat().st_size > 0
+    assert "Privacy audit" in md and "Membership inference" in md
+    # `raysd audit` on the finished run: its recorded audit (skipped), the verdict as the exit status
+    from raysd.cli import main
+
+    audited = finished(run)["audit"]
+    assert main(["audit", str(run)]) == int(audit["verdict"]["flagged"]) and finished(run)["audit"] == audited
+    assert main(["audit", str(run), "--set", "cas.max_epochs=3"]) == 2  # only audit.* settings
+    assert main(["audit", str(run.parent / "nothing-here")]) == 2
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["provenance"]["versions"]["ray"] and manifest["provenance"]["config_hash"]
     from raysd.data.models import _load_models  # the after_k CAS ran on this driver: no generator kept after it
@@ -103,7 +122,7 @@ def test_demo_pipeline_results_report_and_invalidation(reference):
     res3 = pipeline.run(cfg3, redo=True)
     after = finished(run)
     rerun = {k for k in after if after[k] != before[k]}
-    assert rerun == {"generate", "scaling", "report"}, rerun
+    assert rerun == {"generate", "scaling", "audit", "report"}, rerun
     assert set(res3["scaling"]) == {"real", "x1", "x2", "x3"}
     # and an unchanged rerun does nothing
     pipeline.run(cfg3)

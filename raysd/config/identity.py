@@ -37,7 +37,7 @@ def settings_identity(cfg: Config, stage: str) -> dict[str, Any]:
         if stage not in affected_stages(key, f):
             continue
         when = f.metadata.get("when")
-        if when is not None and not when(cfg):
+        if when is not None and not when(cfg, stage):
             continue
         view = f.metadata.get("views", {}).get(stage)
         seen, default = (view(value), view(defaults[key])) if view is not None else (value, defaults[key])

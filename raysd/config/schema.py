@@ -10,65 +10,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
-Bound = float | str | None  # a number, or the dotted key of another setting
-
-
-@dataclass(frozen=True)
-class Rule:
-    """Inclusive (ge/le) or exclusive (gt/lt) bounds; ``optional``: None is allowed;
-    ``check(value, cfg) -> bool`` with ``text`` for what bounds cannot say."""
-
-    ge: Bound = None
-    gt: Bound = None
-    le: Bound = None
-    lt: Bound = None
-    optional: bool = False
-    check: Callable[[Any, Any], bool] | None = None
-    text: str | None = None
-
-
-# What a setting determines (its ``affects``): the pipeline stages whose outputs change with it. A
-# stage's identity (its key in the manifest, the hash its checkpoints, search or set carry) is made
-# of exactly these settings plus the fingerprints of the upstream outputs it uses
-# (:mod:`raysd.config.identity`). ``OPERATIONAL`` settings change how work runs, never what it
-# makes (batch sizes of inference and evaluation, compile, concurrency, resources, paths to the
-# same data): changing one redoes nothing.
-OPERATIONAL: tuple[str, ...] = ()
-TRAINED = "trained"  # in a TrainStepConfig: the stage that section trains (encoder -> train_encoder, ...)
-STAGES = ("prepare", "pretrain", "train_encoder", "after_1", "search_1", "finetune", "after_3", "search_2", "generate",
-          "scaling", "report")
-TRAINING = ("pretrain", "train_encoder", "finetune")
-GENERATION = ("after_1", "search_1", "after_3", "search_2", "generate")  # every stage that makes images
-CAS = ("after_1", "search_1", "after_3", "search_2", "scaling")  # every stage that trains a CAS classifier
-SEARCHES = ("search_1", "search_2")
-MADE = tuple(s for s in STAGES if s not in ("prepare", "report"))  # the seed: every stage after the data
-
-
-def setting(default: Any = dataclasses.MISSING, help: str = "", *, affects: tuple[str, ...] | str,  # noqa: A002
-            factory: Callable[[], Any] | None = None, when: Callable[[Any], bool] | None = None,
-            views: dict[str, Callable[[Any], Any]] | None = None, **rule: Any) -> Any:
-    """A config field with its help text, rule (see :class:`Rule`) and the stages it determines.
-
-    ``affects``: stage names (or ``TRAINED``), ``OPERATIONAL`` for none. ``when(cfg)``: the setting
-    counts only when this holds (e.g. ASHA's settings under ASHA). ``views``: what of the value a
-    stage depends on (e.g. generation only on the largest scale)."""
-    affects = tuple(dict.fromkeys((affects,) if isinstance(affects, str) else affects))
-    unknown = [a for a in affects if a not in STAGES and a != TRAINED]
-    if unknown:
-        raise ValueError(f"setting affects unknown stages {unknown}")
-    md = {"help": help, "rule": Rule(**rule) if rule else None, "affects": affects, "when": when,
-          "views": dict(views or {})}
-    if factory is not None:
-        return field(default_factory=factory, metadata=md)
-    return field(default=default, metadata=md)
-
-
-def section(factory: Callable[[], Any], help: str = "") -> Any:  # noqa: A002
-    return field(default_factory=factory, metadata={"help": help, "rule": None})
-
+from raysd.config.fields import (CAS, GENERATION, MADE, OPERATIONAL, SEARCHES, STAGES, TRAINED, TRAINING, Rule,  # noqa: F401
+                                 section, setting)
 
 # --------------------------------------------------------------------------------------------
 # Sections
@@ -85,11 +31,11 @@ def _nonblank(value: str, cfg: Any) -> bool:
     return bool(value.strip())
 
 
-def _pretraining(cfg: Any) -> bool:
+def _pretraining(cfg: Any, stage: str | None = None) -> bool:
     return cfg.model.pretrain_steps > 0
 
 
-def _asha(cfg: Any) -> bool:
+def _asha(cfg: Any, stage: str | None = None) -> bool:
     return cfg.search.scheduler == "asha"
 
 
@@ -164,7 +110,7 @@ class TrainStepConfig:
                                                         "CUDA: a quarter of the moments' memory)", affects=TRAINED)
 
 
-def _lora(cfg: Any) -> bool:
+def _lora(cfg: Any, stage: str | None = None) -> bool:
     return cfg.finetune.method == "lora"
 
 
@@ -207,12 +153,30 @@ class SamplingConfig:
     fuse_qkv: bool = setting(False, "fuse the attention Q/K/V projections into one matmul (diffusers)", affects=OPERATIONAL)
 
 
+def _strong(cfg: Any, stage: str | None = None) -> bool:
+    """The strong protocol's settings count where it trains: every CAS under it, or Table 2 beside the paper's."""
+    return cfg.cas.protocol == "strong" or (cfg.cas.both_protocols and stage in (None, "scaling"))
+
+
 @dataclass
 class CasConfig:
     """ResNet20 CAS protocol of the paper's released code."""
 
+    protocol: Literal["paper", "strong"] = setting(
+        "paper", "the classifier recipe of every CAS in the run (search trials, Table 1, Table 2, `raysd cas`): paper, "
+        "the released code's (Adam, plateau, early stopping, no augmentation); strong, a standard recipe for small "
+        "images (He et al.'s ResNet20, crop and flip, SGD with Nesterov momentum, one-cycle schedule; "
+        "docs/method.md)", affects=CAS)
+    both_protocols: bool = setting(False, "Table 2 under the other protocol too (the report shows both)", affects=("scaling",))
+    strong_epochs: int = setting(30, "the strong protocol's epochs (its one-cycle schedule spans them; no early "
+                                 "stopping)", ge=1, affects=CAS, when=_strong)
+    strong_lr: float = setting(0.1, "the strong protocol's peak SGD learning rate at batch 128 (scaled linearly "
+                               "with the batch)", gt=0, affects=CAS, when=_strong)
+    strong_flip: bool = setting(True, "the strong protocol's random flips (off where a mirror is another class)",
+                                affects=CAS, when=_strong)
     variant: Literal["paper", "standard"] = setting("paper", "paper: the released code's wide ResNet20 (4.29 M "
-                                                    "params); standard: He et al.'s (0.27 M)", affects=CAS)
+                                                    "params); standard: He et al.'s (0.27 M). The paper "
+                                                    "protocol's network (the strong one's is standard)", affects=CAS)
     max_epochs: int = setting(100, "epoch limit (also the search schedulers' max_t)", ge=1, affects=CAS)
     batch_size: int = setting(256, "training batch", ge=1, affects=CAS)
     min_steps_per_epoch: int = setting(0, "> 0: smaller batches for small sets (batch <= N / this); 0: batch_size "
@@ -236,6 +200,19 @@ class CasConfig:
     image_size: int | None = setting(None, "None: classify at the dataset's size (the paper); N: area-resize "
                                      "every image to NxN first (the demo: digits are 8x8 upsampled, 16 loses "
                                      "nothing and costs a quarter)", ge=4, optional=True, affects=CAS)
+
+    @property
+    def epoch_limit(self) -> int:
+        """The most epochs one classifier trains (the search schedulers' max_t)."""
+        return self.strong_epochs if self.protocol == "strong" else self.max_epochs
+
+    def under(self, protocol: str) -> "CasConfig":
+        """These settings with ``protocol`` as the recipe."""
+        return dataclasses.replace(self, protocol=protocol)
+
+    @property
+    def other_protocol(self) -> str:
+        return "strong" if self.protocol == "paper" else "paper"
 
 
 @dataclass
@@ -271,6 +248,25 @@ class ScaleConfig:
                                                         "or uniform", affects=("generate", "scaling"))
     shard_size: int = setting(1024, "sample_ids per Parquet shard (the unit of resumption)", ge=1, affects=("generate",))
     keep_full_resolution: bool = setting(False, "also store the 128 px images", affects=("generate",))
+
+
+@dataclass
+class AuditConfig:
+    """The privacy audit of the largest synthetic set (after scaling; `raysd audit RUN`)."""
+
+    enabled: bool = setting(True, "run the audit stage (near-copies, memorisation, membership inference)",
+                            affects=("audit",))
+    percentile: float = setting(1.0, "a synthetic image is a near-copy when its pixel distance to the closest "
+                                "training image is below this percentile of held-out real images' distances",
+                                gt=0, lt=50, affects=("audit",))
+    allowed_share: float = setting(0.05, "the verdict: flagged when more than this share of the synthetic images "
+                                   "are near-copies (held-out real images: `percentile` %)", gt=0, lt=1,
+                                   affects=("audit",))
+    duplicate_images: int = setting(5000, "near-duplicates inside the set are sought among its first N images (all "
+                                    "pairs: N^2)", ge=2, affects=("audit",))
+    closest_pairs: int = setting(8, "synthetic-train pairs shown, closest first", ge=1, le=64, affects=("audit",))
+    images_per_task: int = setting(20000, "synthetic images per nearest-neighbour task (tasks spread over the "
+                                   "cluster)", ge=1, affects=OPERATIONAL)
 
 
 @dataclass
@@ -342,6 +338,7 @@ class Config:
     cas: CasConfig = section(CasConfig)
     search: SearchConfig = section(SearchConfig)
     scale: ScaleConfig = section(ScaleConfig)
+    audit: AuditConfig = section(AuditConfig)
     resources: ResourcesConfig = section(ResourcesConfig)
 
     def to_dict(self) -> dict[str, Any]:

@@ -200,7 +200,7 @@ def milestones(cfg: Config) -> set[int]:
     every 10th (a killed trial loses at most 10 epochs) and the last."""
     from raysd.core.hyperband import milestones as hyperband_rungs
 
-    eta, max_t = cfg.search.reduction_factor, cfg.cas.max_epochs
+    eta, max_t = cfg.search.reduction_factor, cfg.cas.epoch_limit
     out = {max_t, *range(10, max_t + 1, 10)}
     if cfg.search.scheduler == "hyperband":
         out |= hyperband_rungs(max_t, eta)

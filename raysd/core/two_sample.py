@@ -37,7 +37,7 @@ def two_sample_test(real: np.ndarray, synthetic: np.ndarray, *, images: int, epo
         for split, idx in (("train", order[:half]), ("val", order[half:three_q]), ("test", order[three_q:])):
             parts[split].append((x[idx], np.full(len(idx), label, np.int64)))
     data = {k: (np.concatenate([p[0] for p in v]), np.concatenate([p[1] for p in v])) for k, v in parts.items()}
-    cfg = replace(cas, variant="standard", max_epochs=epochs, early_stopping_patience=max(1, epochs),
+    cfg = replace(cas, protocol="paper", variant="standard", max_epochs=epochs, early_stopping_patience=max(1, epochs),
                   plateau_patience=max(1, epochs), batch_size=min(cas.batch_size, 128), min_steps_per_epoch=4,
                   label_smoothing=0.0, seeds=1)
     res = train_and_evaluate(data["train"], data["val"], data["test"], 2, cfg=cfg, seed=seed, device=device,

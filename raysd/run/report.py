@@ -19,6 +19,8 @@ from raysd.config import Config, config_from_dict
 from raysd.data import imageset, storage
 from raysd.errors import RaysdError
 from raysd.run.rundir import Run
+from raysd.run.privacy_report import privacy_lines, privacy_table
+from raysd.run.tables import grid, pct
 
 PARAM_NAMES = {"num_inference_steps": "IS", "guidance_scale": "UGS", "epoch": "epoch"}
 
@@ -37,10 +39,6 @@ def _png(fig) -> bytes:  # noqa: ANN001
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
-
-
-def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.2f}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,14 +177,6 @@ def fig_timings(res: dict[str, Any]):
 # Text
 
 
-def _table(header: list[str], rows: list[list[str]]) -> tuple[str, str]:
-    md = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
-    md += "".join("| " + " | ".join(r) + " |\n" for r in rows)
-    h = "<table><tr>" + "".join(f"<th>{html.escape(x)}</th>" for x in header) + "</tr>"
-    h += "".join("<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in r) + "</tr>" for r in rows) + "</table>"
-    return md, h
-
-
 def table1(res: dict[str, Any]) -> tuple[str, str]:
     labels = {"after_1": "1: Class-Encoder, default IS/UGS", "after_2": "2: + search 1",
               "after_3": "3: + UNet fine-tuning", "after_4": "4: + search 2"}
@@ -194,10 +184,10 @@ def table1(res: dict[str, Any]) -> tuple[str, str]:
     for k, v in res.get("steps", {}).items():
         p = v["params"]
         rows.append([labels[k], str(p["num_inference_steps"]), f"{p['guidance_scale']:.2f}", str(p["epoch"]),
-                     _pct(v["cas"]["top1"]), _ci(v["cas"], "top1"), _pct(v["cas"].get("balanced_accuracy")),
-                     _pct(v["cas"]["top5"]), str(v["num_images"])])
-    return _table(["after step", "IS", "UGS", "epoch", "CAS top-1 %", "95 % interval", "balanced acc. %", "top-5 %",
-                   "images"], rows)
+                     pct(v["cas"]["top1"]), _ci(v["cas"], "top1"), pct(v["cas"].get("balanced_accuracy")),
+                     pct(v["cas"]["top5"]), str(v["num_images"])])
+    return grid(["after step", "IS", "UGS", "epoch", "CAS top-1 %", "95 % interval", "balanced acc. %", "top-5 %",
+                "images"], rows)
 
 
 def _ci(row: dict[str, Any], metric: str) -> str:
@@ -209,14 +199,15 @@ def _ci(row: dict[str, Any], metric: str) -> str:
 def _metric_cells(row: dict[str, Any]) -> list[str]:
     auc = row.get("auc")
     sd = (row.get("sd") or {}).get("top1")
-    top1 = _pct(row["top1"]) + (f" ± {100 * sd:.2f} ({len(row['seeds'])} seeds)" if sd is not None else "")
-    return [top1, _ci(row, "top1"), _pct(row.get("balanced_accuracy")), _ci(row, "balanced_accuracy"),
-            _pct(row.get("macro_f1")), "–" if auc is None else f"{auc:.3f}", _pct(row["top5"])]
+    top1 = pct(row["top1"]) + (f" ± {100 * sd:.2f} ({len(row['seeds'])} seeds)" if sd is not None else "")
+    return [top1, _ci(row, "top1"), pct(row.get("balanced_accuracy")), _ci(row, "balanced_accuracy"),
+            pct(row.get("macro_f1")), "–" if auc is None else f"{auc:.3f}", pct(row["top5"])]
 
 
-def table2(res: dict[str, Any]) -> tuple[str, str]:
-    sc = res.get("scaling", {})
-    paper = res.get("paper") or {}
+def table2(res: dict[str, Any], sc: dict[str, Any] | None = None) -> tuple[str, str]:
+    """Table 2 (``sc``: its rows under another protocol; the paper's column is for the paper protocol's)."""
+    paper = (res.get("paper") or {}) if sc is None and res.get("protocol", "paper") == "paper" else {}
+    sc = res.get("scaling", {}) if sc is None else sc
     rows = []
     for k in ["real"] + sorted((k for k in sc if k.startswith("x")), key=lambda k: int(k[1:])):
         if k not in sc:
@@ -227,8 +218,8 @@ def table2(res: dict[str, Any]) -> tuple[str, str]:
     for name, row in (res.get("baselines") or {}).items():  # what predicting without learning scores
         label = f"majority class ({row['class']})" if name == "majority" else "chance (uniform guess)"
         rows.append([label, "–", *_metric_cells(row), "–"])
-    return _table(["training set", "images", "CAS top-1 %", "95 % interval", "balanced acc. %", "95 % interval",
-                   "macro-F1 %", "AUC", "top-5 %", "paper top-1 %"], rows)
+    return grid(["training set", "images", "CAS top-1 %", "95 % interval", "balanced acc. %", "95 % interval",
+                "macro-F1 %", "AUC", "top-5 %", "paper top-1 %"], rows)
 
 
 def two_sample_lines(res: dict[str, Any]) -> list[str]:
@@ -244,7 +235,7 @@ def two_sample_lines(res: dict[str, Any]) -> list[str]:
             f"{t['auc']:.3f} (50 %: indistinguishable; 100 %: trivially told apart): {verdict}."]
 
 
-def comparison_lines(res: dict[str, Any]) -> list[str]:
+def comparison_lines(res: dict[str, Any], prefix: str = "") -> list[str]:
     """One sentence per paired comparison: a difference is called a gain or a loss only when its
     95 % paired-bootstrap interval excludes 0."""
     lines = []
@@ -257,16 +248,21 @@ def comparison_lines(res: dict[str, Any]) -> list[str]:
             verdict = f"{a} {better} beyond the test split's noise" if d["clear"] else "inside the noise: no claim"
             parts.append(f"{metric.replace('_', ' ')} {100 * d['difference']:+.1f} points ({lo:+.1f} to {hi:+.1f}; "
                          f"{verdict})")
-        lines.append(f"{a} against {b}: " + "; ".join(parts) + ".")
+        lines.append(f"{prefix}{a} against {b}: " + "; ".join(parts) + ".")
     return lines
+
+
+PROTOCOLS = {"paper": "the paper's protocol (its released code: Adam, no augmentation, early stopping on val)",
+             "strong": "the strong protocol (He et al.'s ResNet20, crop and flip, SGD with Nesterov momentum, "
+                       "one-cycle schedule)"}
 
 
 def per_class_table(res: dict[str, Any]) -> tuple[str, str]:
     names = _cas_names(res)
     classes = res.get("class_names") or []
-    rows = [[c[:30]] + [_pct(res["per_class"][n]["per_class_accuracy"][i]) for n in names]
+    rows = [[c[:30]] + [pct(res["per_class"][n]["per_class_accuracy"][i]) for n in names]
             for i, c in enumerate(classes)]
-    return _table(["class"] + names, rows)
+    return grid(["class"] + names, rows)
 
 
 def write_report(run_dir: str) -> dict[str, Any]:
@@ -284,6 +280,9 @@ def write_report(run_dir: str) -> dict[str, Any]:
     pngs = {k: _png(f) for k, f in figs.items() if f is not None}
     for k, data in pngs.items():
         storage.write_bytes(storage.join(run_dir, "figures", f"{k}.png"), data)
+    picture = (res.get("privacy") or {}).get("picture")
+    if picture and storage.exists(storage.join(run_dir, picture)):  # the audit's closest pairs
+        pngs["audit"] = storage.read_bytes(storage.join(run_dir, picture))
     for phase in (1, 2):  # Optuna's optimization history of each search, when drawn
         p = storage.join(Run(cfg).search_dir(phase), "optimization_history.png")
         if storage.exists(p):
@@ -312,8 +311,11 @@ def _notes(res: dict[str, Any]) -> list[str]:
     if res.get("search_objective") == "test":
         notes.append("Search objective: the test accuracy of each trial's best-val weights (the paper's protocol; "
                      "it lets the test split choose the parameters).")
-    notes.append("CAS: ResNet20 trained on the named set only, early-stopped on the real validation split, scored on "
-                 "the real test split. Balanced accuracy is the mean recall over classes (a classifier that predicts "
+    protocol = res.get("protocol", "paper")
+    other = (res.get("other_protocol") or {}).get("protocol")
+    notes.append(f"CAS: ResNet20 trained on the named set only under {PROTOCOLS[protocol]}"
+                 + (f" (Table 2 also under {PROTOCOLS[other]})" if other else "") + ", its best weights on the real "
+                 "validation split scored on the real test split. Balanced accuracy is the mean recall over classes (a classifier that predicts "
                  "one class scores 1/C), AUC the macro one-vs-rest AUC; the intervals are 95 % bootstraps over the "
                  "test images (the test split's noise, not the classifier seed's).")
     n1 = min((s.get("num_images") or 0 for s in res.get("steps", {}).values()), default=0)
@@ -328,19 +330,26 @@ def _text(res: dict[str, Any], pngs: dict[str, bytes]) -> tuple[str, str]:
     t1, t2, pc = table1(res), table2(res), per_class_table(res)
     title = f"raysd report: {res['dataset']} ({res['preset']} preset)"
     notes = _notes(res)
+    other = res.get("other_protocol")
+    protocol = res.get("protocol", "paper")
     sections = [
         ("Table 1: CAS after each step", t1, None),
-        ("Table 2: real data against synthetic data at each scale", t2, "scaling"),
+        (f"Table 2: real data against synthetic data at each scale ({protocol} protocol)", t2, "scaling"),
+        *([(f"Table 2 under the {other['protocol']} protocol", table2(res, other["scaling"]), None)] if other else []),
         ("Hyper-parameter importance (fANOVA)", None, "importance"),
         ("Search 1: optimisation history", None, "search_1_history"),
         ("Search 2: optimisation history", None, "search_2_history"),
         ("Samples per class: real (left) and generated (right)", None, "samples"),
         ("Per-class accuracy (%) of every CAS", pc, "confusion"),
+        ("Privacy audit: distance to the closest training image (RMS pixel difference in [0, 1]; cosine-like in "
+         "features)", privacy_table(res), "audit"),
         ("Stage timings", None, "timings"),
     ]
     md = [f"# {title}", "", *[f"- {n}" for n in notes], ""]
     body = [f"<h1>{html.escape(title)}</h1><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>"]
-    claims = two_sample_lines(res) + comparison_lines(res)
+    claims = two_sample_lines(res) + comparison_lines(res, f"{protocol} protocol: " if other else "")
+    if other:
+        claims += comparison_lines(other, f"{other['protocol']} protocol: ")
     if claims:  # what the numbers support, before the tables that show them
         heading = "What the numbers support (95 % intervals over the test images)"
         md += [f"## {heading}", "", *[f"- {c}" for c in claims], ""]
@@ -351,11 +360,16 @@ def _text(res: dict[str, Any], pngs: dict[str, bytes]) -> tuple[str, str]:
             continue
         md.append(f"## {heading}\n")
         body.append(f"<h2>{html.escape(heading)}</h2>")
+        if fig == "audit":
+            lines = privacy_lines(res)
+            md += [*[f"- {x}" for x in lines], ""]
+            body.append("<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in lines) + "</ul>")
         if table is not None:
             md.append(table[0])
             body.append(table[1])
         if fig is not None and fig in pngs:
-            md.append(f"![{fig}](figures/{fig}.png)\n" if not fig.startswith("search_") else
+            md.append(f"![{fig}]({res['privacy']['picture']})\n" if fig == "audit" else
+                      f"![{fig}](figures/{fig}.png)\n" if not fig.startswith("search_") else
                       f"![{fig}]({fig.split('_history')[0]}/optimization_history.png)\n")
             body.append(f'<img alt="{fig}" src="data:image/png;base64,{base64.b64encode(pngs[fig]).decode()}">')
     style = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}table{border-collapse:collapse;"

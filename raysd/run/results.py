@@ -43,6 +43,8 @@ def table1(st: dict[str, Any]) -> dict[str, Score]:
 
 
 TWO_SAMPLE = "two_sample"  # the scaling stage's two-sample test, beside its rows in the manifest's outputs
+OTHER_PROTOCOL = "other_protocol"  # Table 2 under the other classifier protocol (cas.both_protocols), beside them too
+NOT_ROWS = (TWO_SAMPLE, OTHER_PROTOCOL)
 
 # the differences the report may call a gain: each scale against real data, each step against the one before
 STEP_PAIRS = (("after_2", "after_1"), ("after_3", "after_2"), ("after_4", "after_3"))
@@ -71,11 +73,20 @@ def _baselines(st: dict[str, Any]) -> dict[str, Any] | None:
     return baselines(test["counts_per_class"]) if test and test.get("counts_per_class") else None
 
 
+def _other_protocol(cfg: Config, found: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Table 2 under the other protocol: its rows, paired comparisons (x_k - real) and per-class tables."""
+    if not found:
+        return None
+    rows = {name: Score.from_scale_json(r) for name, r in found["rows"].items()}
+    return {"protocol": found["protocol"], "scaling": {k: s.table2_row() for k, s in rows.items()},
+            "comparisons": comparisons(cfg, {}, rows), "per_class": {k: s.per_class for k, s in rows.items()}}
+
+
 def build_results(cfg: Config, manifest: dict[str, Any]) -> dict[str, Any]:
     """Assemble and write RUN/results.json from the completed stages' outputs."""
     st = {k: v.get("outputs", {}) for k, v in manifest["stages"].items() if v.get("status") == "complete"}
     steps = table1(st)
-    scaling = {name: Score.from_scale_json(r) for name, r in st.get("scaling", {}).items() if name != TWO_SAMPLE}
+    scaling = {name: Score.from_scale_json(r) for name, r in st.get("scaling", {}).items() if name not in NOT_ROWS}
     timings = {k: round(v.get("seconds", 0.0), 2) for k, v in manifest["stages"].items() if v.get("status") == "complete"}
     gen = st.get("generate", {})
     results = {
@@ -89,6 +100,9 @@ def build_results(cfg: Config, manifest: dict[str, Any]) -> dict[str, Any]:
         "baselines": _baselines(st),
         "comparisons": comparisons(cfg, steps, scaling),
         "two_sample": st.get("scaling", {}).get(TWO_SAMPLE),
+        "privacy": st.get("audit"),
+        "protocol": cfg.cas.protocol,
+        "other_protocol": _other_protocol(cfg, st.get("scaling", {}).get(OTHER_PROTOCOL)),
         "timings": timings,
         "per_class": {k: s.per_class for k, s in {**steps, **scaling}.items()},
         "class_names": st.get("prepare", {}).get("class_names"),

@@ -24,7 +24,7 @@ from raysd.errors import RaysdError
 SPLITS = ("train", "val", "test")
 # The pipeline's stages in order (raysd.pipeline defines them; listed here so the CLI needs no torch)
 PIPELINE_STAGES = ("prepare", "pretrain", "train_encoder", "after_1", "search_1", "finetune", "after_3", "search_2",
-                   "generate", "scaling", "report")
+                   "generate", "scaling", "audit", "report")
 CLAIM = "claim.json"
 
 

@@ -66,8 +66,14 @@ def classifier(cfg: Config, device: str, *, images: int, side: int, held_out: in
     """A CAS classifier on ``images`` training images of ``side`` px, plus ``held_out`` val/test images."""
     c = cfg.cas
     side = c.image_size or side
-    batch = c.batch_size if not c.min_steps_per_epoch else max(1, min(c.batch_size, images // c.min_steps_per_epoch))
-    return memory.classifier_need(c.variant, side=side, batch=batch, images=images + held_out,
+    from raysd.core.strong import STRONG_BATCH
+
+    # the larger of the two protocols' needs when Table 2 runs under both
+    protocols = (c.protocol, c.other_protocol) if c.both_protocols else (c.protocol,)
+    variant = "standard" if protocols == ("strong",) else c.variant
+    batch = max(STRONG_BATCH if p == "strong" else c.batch_size for p in protocols)
+    batch = batch if not c.min_steps_per_epoch else max(1, min(batch, images // c.min_steps_per_epoch))
+    return memory.classifier_need(variant, side=side, batch=batch, images=images + held_out,
                                   half=_half(cfg, device))
 
 
@@ -106,6 +112,19 @@ def classifier_task(cfg: Config, device: str, *, images: int, side: int, held_ou
     if device == "cuda":
         return WorkerNeed("CAS classifier", memory.process_need((images + held_out) * side * side * 3), cls, lower)
     return WorkerNeed("CAS classifier", memory.process_need(cls), 0.0, lower)
+
+
+def audit_task(device: str, *, train: int, queries: int, side: int, features: int) -> WorkerNeed:
+    """A nearest-neighbour task of the audit: the training images as float32 pixels and features, its
+    queries (uint8 and float32), one block of distances and the classifier that embeds them."""
+    from raysd.core.audit import BLOCK_ENTRIES
+
+    data = (train + queries) * (side * side * 3 * 4 + features * 4) + queries * side * side * 3
+    work = data + 2 * BLOCK_ENTRIES * 4 + memory.CLASSIFIER["paper"][0]
+    lower = "a smaller audit.images_per_task"
+    if device == "cuda":
+        return WorkerNeed("audit task", memory.process_need(data), work, lower)
+    return WorkerNeed("audit task", memory.process_need(work), 0.0, lower)
 
 
 def training_worker(cfg: Config, run: Run, kind: str, device: str, workers: int) -> WorkerNeed:

@@ -164,11 +164,14 @@ class Scorer:
     _started: dict[tuple, Any] = {}  # (slice, cas job) -> ObjectRef, shared by the stages of one driver
 
     def __init__(self, cfg: Config, parallel: int, *, val: tuple | None = None, test: tuple | None = None,
-                 num_classes: int | None = None, variant: str | None = None):
+                 num_classes: int | None = None, variant: str | None = None, protocol: str | None = None):
+        """``variant``, ``protocol``: instead of cas.variant, cas.protocol."""
         device = connect(cfg)
         if val is None or test is None or num_classes is None:
             val, test, num_classes = _real(Run(cfg))
-        cas = CasConfig(**{**cfg.cas.__dict__, **({"variant": variant} if variant else {})})
+        cas = dataclasses.replace(cfg.cas, **({"variant": variant} if variant else {}),
+                                  **({"protocol": protocol} if protocol else {}))
+        self.protocol = cas.protocol
         self.cfg, self.said, self.held_out = cfg, False, len(val[1]) + len(test[1])
         self.task, job = _task(_set_task, cfg, device, parallel * cas.seeds, num_classes, cas)
         # cas.seeds classifiers per set: the first with the run seed (one seed scores as before)
@@ -208,9 +211,9 @@ class Scorer:
             res.train = pieces[i].set_dir
             what = f"{pieces[i].set_dir} (stratified prefix)" if pieces[i].prefix else pieces[i].set_dir
             seed = f", seed {j + 1} of {len(self.jobs)}" if len(self.jobs) > 1 else ""
-            log.info("cas: %s: top-1 %.4f, top-5 %.4f (best epoch %d of %d, %d images, %.1fs%s) [%d/%d]", what,
-                     res.top1, res.top5, res.best_epoch, res.epochs_run, res.num_images, res.seconds, seed,
-                     len(results), total)
+            log.info("cas: %s: top-1 %.4f, top-5 %.4f (best epoch %d of %d, %d images, %.1fs%s, %s protocol) [%d/%d]",
+                     what, res.top1, res.top5, res.best_epoch, res.epochs_run, res.num_images, res.seconds, seed,
+                     self.protocol, len(results), total)
         for p in pieces:
             for job in self.jobs:
                 Scorer._started.pop((p, repr(job)), None)
@@ -360,3 +363,25 @@ class PrefixStarter:
                 if i:
                     log.info("cas: prefix %d of %d is written: its classifier starts while generation continues", i,
                              len(self.prefix_counts))
+
+
+def scaling_table(run: Run, set_dir: str, counts: dict[str, list[int]]) -> dict[str, Any]:
+    """Table 2 as the scaling stage's outputs: the real training split and every x_k (its classifier
+    perhaps started while generating), the two-sample test of the smallest scale and, with
+    cas.both_protocols, Table 2 under the other protocol (its classifiers run beside the first's)."""
+    from raysd.run.results import OTHER_PROTOCOL, TWO_SAMPLE
+
+    names = ["real", *counts]
+    pieces = scaling_slices(run, set_dir, list(counts.values()))
+    two = TwoSample(run.cfg, pieces[0], pieces[1], next(iter(counts)))  # the smallest scale against the real data
+    both = run.cfg.cas.both_protocols
+    scorer = Scorer(run.cfg, len(pieces) * (2 if both else 1))
+    other = Scorer(run.cfg, len(pieces) * 2, protocol=run.cfg.cas.other_protocol) if both else None
+    for s in (scorer, other):
+        for piece in pieces if s else ():
+            s.start(piece)
+    rows: dict[str, Any] = {name: score.scale_json() for name, score in zip(names, scorer.collect(pieces))}
+    if other is not None:
+        rows[OTHER_PROTOCOL] = {"protocol": other.protocol,
+                                "rows": {n: sc.scale_json() for n, sc in zip(names, other.collect(pieces))}}
+    return {**rows, **({TWO_SAMPLE: found} if (found := two.result()) else {})}

@@ -168,7 +168,7 @@ def _fit(ctx: TrialContext, space: SearchSpace, out: str) -> Any:
     r, s = cfg.resources, cfg.search
     resources, running = ctx.resources, ctx.at_once
     trainable = tune.with_resources(tune.with_parameters(search_trial, ctx=ctx), resources)
-    searcher, scheduler = make_search(space.distributions(), s, max_t=cfg.cas.max_epochs, seed=cfg.seed,
+    searcher, scheduler = make_search(space.distributions(), s, max_t=cfg.cas.epoch_limit, seed=cfg.seed,
                                       capacity=running, study_name=study_name(ctx.phase),
                                       export_to=storage.join(out, STUDY_FILE))
     log.info("search %d: %d trials (%d at once, %s, objective %s) over %s; the sampler's study: %s", ctx.phase,

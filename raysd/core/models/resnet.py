@@ -128,9 +128,12 @@ class ResNet20(nn.Module):
             keras_truncated_normal_(self.fc.weight, math.sqrt(2.0 / (self.fc.in_features + self.fc.out_features)))
             nn.init.zeros_(self.fc.bias)
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The penultimate layer: globally pooled (N, width) features the head classifies."""
+        return self.blocks(self.stem(x)).mean(dim=(2, 3))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(self.stem(x))
-        return self.fc(x.mean(dim=(2, 3)))
+        return self.fc(self.features(x))
 
 
 def resnet20(num_classes: int, variant: Literal["paper", "standard"] = "paper") -> ResNet20:
