@@ -87,7 +87,7 @@ SCALE = _int_flag(1, 1000)
 
 def _add_config_flags(p: argparse.ArgumentParser, *, run_flag: str = "--run") -> None:
     g = p.add_argument_group("configuration")
-    g.add_argument("--preset", choices=["demo", "paper", "official"], default=None,
+    g.add_argument("--preset", choices=["demo", "small", "paper", "official"], default=None,
                    help="settings preset (default: the run's saved config, else 'demo')")
     g.add_argument("--config", metavar="FILE", help="YAML or JSON file of settings")
     g.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],

@@ -212,9 +212,9 @@ def _check_demo_base(cfg: Any, args: argparse.Namespace) -> None:
     raise RaysdError(
         f"the demo preset's base ({DEMO_BASE}) was pretrained on digits only and cannot draw {cfg.dataset.name}; "
         "choose a base: on a GPU the paper's path, `--preset paper --base-model stabilityai/stable-diffusion-2-base` "
-        "(a hub id or a local diffusers directory), or a small pixel-space base pretrained first on this dataset's "
-        "train split without labels, `--set model.base_model=tiny --set model.pretrain_steps=2400 --set "
-        f"model.resolution=32` (docs/datasets.md); `--base-model {DEMO_BASE}` keeps the digits base anyway")
+        "(a hub id or a local diffusers directory), or on any machine `--preset small`, a small pixel-space base "
+        "pretrained first on this dataset's train split without labels and kept for later runs (docs/datasets.md); "
+        f"`--base-model {DEMO_BASE}` keeps the digits base anyway")
 
 
 def cmd_report(args: argparse.Namespace) -> int:

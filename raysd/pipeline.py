@@ -1,6 +1,6 @@
 """The whole method as resumable stages recorded in ``RUN/manifest.json``.
 
-prepare -> [pretrain, demo only] -> train_encoder -> after_1 -> search_1 -> finetune -> after_3
+prepare -> [pretrain: the small preset] -> train_encoder -> after_1 -> search_1 -> finetune -> after_3
 -> search_2 -> generate -> scaling -> audit -> report. (after_2 and after_4 are the best trials of the
 searches: the same 4000-image CAS, already measured.)
 
@@ -72,13 +72,10 @@ def _prepare(run: Run, out: dict, restart: bool) -> dict:
 
 
 def _pretrain(run: Run, out: dict, restart: bool) -> dict:
-    from raysd.stages.train import export_base, train
+    """The base pretrained on the run's train split, or kept by a run with the same data and settings."""
+    from raysd.stages.train import pretrain_base
 
-    epochs = train(run.cfg, "pretrain", restart=restart)
-    export_base(run, epochs[-1])
-    meta = ck.read_meta(ck.epoch_dir(run.ckpt_root("pretrain"), epochs[-1]))
-    return {"epochs": epochs[-1], "steps": meta["step"], "loss": meta["loss"], "base": run.base_spec(),
-            "base_sha256": meta["files"][ck.MODEL_FILE]}
+    return pretrain_base(run, next(s for s in STAGES if s.name == "pretrain").key(run.cfg, out), restart)
 
 
 def _trained(run: Run, kind: str, epochs: list[int]) -> dict:

@@ -26,7 +26,10 @@ def test_presets_are_data_and_differ():
     demo = C.load_config("demo")
     assert demo.dataset.name == "digits" and demo.model.base_model == "builtin:tiny-digits" and demo.preset == "demo"
     assert demo.model.pretrain_steps == 0 and demo.resources.device == "auto" and demo.cas.image_size == 16
-    assert set(C.PRESETS) == {"demo", "paper", "official"}
+    assert set(C.PRESETS) == {"demo", "small", "paper", "official"}
+    small = C.load_config("small", overrides={"dataset.name": "retinamnist"})  # the demo's budgets, a base of its own
+    assert small.model.base_model == "tiny" and small.model.pretrain_steps == 2400 and small.cas.image_size is None
+    assert small.encoder.epochs == demo.encoder.epochs and small.cas.strong_flip and small.preset == "small"
 
 
 def test_cpu_processes_of_the_demo():

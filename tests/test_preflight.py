@@ -58,7 +58,7 @@ def test_the_demo_preset_on_other_data_names_the_two_paths_and_writes_nothing(tm
     monkeypatch.chdir(tmp_path)
     assert main(["run", "--dataset", "retinamnist", "--data-dir", str(tmp_path / "data")]) == 2
     err = one_line(capsys, "pretrained on digits only")
-    assert "--preset paper --base-model" in err and "--set model.base_model=tiny" in err
+    assert "--preset paper --base-model" in err and "`--preset small`" in err
     assert not any(tmp_path.iterdir())  # no run directory, nothing downloaded
     for named in (["--base-model", "tiny"], ["--set", "model.base_model=tiny"]):  # a base the user chose is used
         from raysd.commands import _check_demo_base, config_from_args

@@ -76,3 +76,40 @@ def test_rebuilding_the_shipped_base_gives_its_checksum(tmp_path):
                        capture_output=True, text=True, cwd=REPO, timeout=7200)
     assert r.returncode == 0, r.stderr[-2000:]
     assert _record(tmp_path / "base")["files"][WEIGHTS] == _record(SHIPPED)["files"][WEIGHTS]
+
+
+@pytest.mark.ray
+def test_the_small_preset_keeps_its_pretrained_base_for_later_runs(tmp_path, ray_session):
+    """A base pretrained in a run is kept under model.base_cache by the pretrain stage's key; a later
+    run on the same data and settings copies it (not trained), other settings train their own, and
+    a damaged entry is trained again and rewritten."""
+    from conftest import write_medmnist_npz
+    from raysd import pipeline
+    from raysd.config import load_config
+    from raysd.run.base_cache import RECORD
+
+    npz = write_medmnist_npz(tmp_path / "toy.npz", n=(32, 8, 8), classes=4, size=8)
+    cache = tmp_path / "cache"
+
+    def run(name: str, **extra) -> dict:
+        cfg = load_config("small", overrides={
+            "run_dir": str(tmp_path / name), "dataset.name": f"npz:{npz}", "model.pretrain_steps": 4,
+            "model.pretrain_batch_size": 8, "model.base_cache": str(cache), "resources.torch_threads": 1, **extra})
+        pipeline.run(cfg, until="pretrain")
+        return json.loads((tmp_path / name / "manifest.json").read_text())["stages"]["pretrain"]
+
+    a = run("a")
+    (entry,) = cache.iterdir()
+    assert entry.name == a["key"] and (entry / RECORD).is_file() and "cached_from" not in a["outputs"]
+    b = run("b")
+    assert b["outputs"]["cached_from"] == str(entry) and b["outputs"]["base_sha256"] == a["outputs"]["base_sha256"]
+    assert not (tmp_path / "b" / "checkpoints" / "pretrain").exists()  # copied, not trained
+    for name in _record(tmp_path / "a" / "base")["files"]:
+        assert (tmp_path / "b" / "base" / name).read_bytes() == (tmp_path / "a" / "base" / name).read_bytes()
+    c = run("c", **{"model.pretrain_steps": 5})
+    assert "cached_from" not in c["outputs"] and c["key"] != a["key"] and len(list(cache.iterdir())) == 2
+    weights = entry / WEIGHTS
+    weights.write_bytes(b"\0" + weights.read_bytes()[1:])
+    d = run("d")
+    assert "cached_from" not in d["outputs"] and (tmp_path / "d" / "checkpoints" / "pretrain").exists()
+    assert sha256_file(str(weights)) == _record(entry)["files"][WEIGHTS]  # rewritten by the run that trained

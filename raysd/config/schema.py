@@ -83,10 +83,13 @@ class ModelConfig:
     tiny_decoder: str | None = setting(None, "AutoencoderTiny (TAESD) hub id or directory decoding instead of the VAE; "
                                        "CAS effect unmeasured", affects=GENERATION)
     # the pretrained base is the base of every later stage: its settings determine them all
-    pretrain_steps: int = setting(0, "unconditional pretraining steps of a randomly initialised base (demo only; "
-                                  "0 = use the weights as loaded)", ge=0, affects=TRAINING + GENERATION)
+    pretrain_steps: int = setting(0, "unconditional pretraining steps of a randomly initialised base (the small "
+                                  "preset; 0 = use the weights as loaded)", ge=0, affects=TRAINING + GENERATION)
     pretrain_batch_size: int = setting(64, "batch of that pretraining", ge=1, affects=TRAINING + GENERATION,
                                        when=_pretraining)
+    base_cache: str | None = setting("~/.cache/raysd/bases", "where a pretrained base is kept for later runs on the "
+                                     "same data and settings (keyed by the pretrain stage's key); None: not kept",
+                                     affects=OPERATIONAL)
     pretrain_lr: float = setting(1e-3, "learning rate of that pretraining", gt=0, affects=TRAINING + GENERATION,
                                  when=_pretraining)
 
@@ -323,7 +326,8 @@ class ResourcesConfig:
 class Config:
     """The whole run. Build with :func:`raysd.config.load_config`, not by hand."""
 
-    preset: Literal["demo", "paper", "official"] = setting("paper", "the preset these values started from", affects=OPERATIONAL)
+    preset: Literal["demo", "small", "paper", "official"] = setting("paper", "the preset these values started from",
+                                                                     affects=OPERATIONAL)
     seed: int = setting(0, "run seed: data order, per-sample generation seeds, classifier init, searches", ge=0, affects=MADE)
     run_dir: str = setting("runs/raysd", "run directory: local path or URI (s3://, gs://) shared by all nodes",
                            check=_nonblank, text="a directory path or URI", affects=OPERATIONAL)

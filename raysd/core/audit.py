@@ -21,8 +21,9 @@ near-copies exceeds ``allowed_share``.
 
 Nearest neighbours are exact, by blocked matrix products in torch (``|a|^2 + |b|^2 - 2ab`` over
 blocks of at most ``BLOCK_ENTRIES`` distances, on the GPU when there is one): no new dependency,
-no approximation to argue about, and CIFAR x10 against its train split is 500k x 50k x 3072
-multiply-adds (7.7e13 flops: minutes on one GPU, spread over the cluster by the audit stage).
+no approximation to argue about, and CIFAR x10 against its train split is 400k x 40k x 3072
+multiply-adds (4.9e13: seconds of matrix products on one GPU; the audit stage spreads the set's
+shards over the cluster).
 """
 
 from __future__ import annotations

@@ -300,9 +300,11 @@ def _notes(res: dict[str, Any]) -> list[str]:
     base = res.get("pretrained_base")
     notes = [f"Base model: `{res['base_model']}`; seed {res['seed']}."]
     if base:
-        notes.append(f"No pretrained weights were used: the tiny base was pretrained here for {base.get('steps')} steps "
-                     f"without class labels (a caption-like PCA context standing in for SD's pretraining; final loss "
-                     f"{base['loss']:.4f}).")
+        kept = (f"; copied from {base['cached_from']}, where an earlier run on the same data and settings kept it"
+                if base.get("cached_from") else "")
+        notes.append(f"No pretrained weights were used: the tiny base was pretrained on this train split for "
+                     f"{base.get('steps')} steps without class labels (a caption-like PCA context standing in for SD's "
+                     f"pretraining; final loss {base['loss']:.4f}){kept}.")
     if gen:
         notes.append(f"Generation: {gen.get('num_images')} images at {gen.get('images_per_second', 0):.1f} images/s "
                      f"with {gen.get('params')}.")

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import time
+from typing import Any
 
 import numpy as np
 
@@ -124,6 +125,23 @@ def ensure_base(run: Run) -> str:
         epochs = train(run.cfg, "pretrain")
         export_base(run, epochs[-1])
     return run.base_spec()
+
+
+def pretrain_base(run: Run, key: str, restart: bool) -> dict[str, Any]:
+    """The pretrain stage's outputs: the base a run with the same pretrain stage key kept in
+    model.base_cache (:mod:`raysd.run.base_cache`), copied; else pretrained here, then kept."""
+    from raysd.run import base_cache
+
+    found = base_cache.take(run, key)
+    if found is not None:
+        return found
+    epochs = train(run.cfg, "pretrain", restart=restart)
+    export_base(run, epochs[-1])
+    meta = ck.read_meta(ck.epoch_dir(run.ckpt_root("pretrain"), epochs[-1]))
+    result = {"epochs": epochs[-1], "steps": meta["step"], "loss": meta["loss"], "base": run.base_spec(),
+              "base_sha256": meta["files"][ck.MODEL_FILE]}
+    base_cache.keep(run, key, result)
+    return result
 
 
 def export_base(run: Run, epoch: int) -> None:
