@@ -115,3 +115,24 @@ def test_the_audit_stage_flags_a_positive_control_and_passes_a_negative_one(digi
     neg = audit_run(run, set_dir, counts)
     assert not neg["verdict"]["flagged"] and neg["images"] == 360 and neg["pixel"]["share_closer"] < 0.03
     json.dumps(neg)  # the stage's outputs go to the manifest as they are
+
+
+def test_an_x10_set_of_400000_images_splits_into_tasks_that_fit_a_node():
+    """CIFAR-10 x10 (400,000 images in 741 shards of 540, as the scaling stage writes it): the audit's
+    neighbour tasks cover every shard once, in order, at most audit.images_per_task images each, and
+    each asks for memory a node holds (the train split's 40,000 images as float32 pixels included)."""
+    from raysd.run import sizing
+    from raysd.stages.audit import _groups
+    from raysd.stages.evaluate import SetSlice
+
+    rows = [540] * 740 + [400_000 - 540 * 740]
+    piece = SetSlice("s3://bucket/run/synthetic/x10", tuple((f"shard-{i:06d}.parquet", "sha", r)
+                                                            for i, r in enumerate(rows)), (32, 32, 3))
+    groups = _groups(piece, 20_000)
+    assert [p.shards[0] for g in groups for p in g] == list(piece.shards)
+    sizes = [sum(p.shards[0][2] for p in g) for g in groups]
+    assert max(sizes) <= 20_000 and sum(sizes) == 400_000 and len(groups) == 21
+    need = sizing.audit_task("cpu", train=40_000, queries=max(sizes), side=32, features=64)
+    assert 1.5 * sizing.GB < need.host < 4 * sizing.GB
+    gpu = sizing.audit_task("cuda", train=40_000, queries=max(sizes), side=32, features=256)
+    assert gpu.gpu < 4 * sizing.GB and gpu.host > sizing.GB

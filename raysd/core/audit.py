@@ -112,12 +112,17 @@ def space_summary(synthetic: dict[str, np.ndarray], held_out: dict[str, np.ndarr
             "memorised": memorised(synthetic), "held_out_memorised": memorised(held_out)}
 
 
+def nearest_other(queries: torch.Tensor) -> np.ndarray:
+    """Each image's distance to its nearest other image of the same set (empty for fewer than two)."""
+    if len(queries) < 2:
+        return np.zeros(0, np.float32)
+    return nearest(queries, queries, 1, exclude_self=True)[0][:, 0].cpu().numpy()
+
+
 def duplicates(queries: torch.Tensor, threshold: float) -> float:
     """Share of images whose nearest other image of the same set is closer than ``threshold``."""
-    if len(queries) < 2:
-        return 0.0
-    d, _ = nearest(queries, queries, 1, exclude_self=True)
-    return float((d[:, 0] < threshold).float().mean())
+    d = nearest_other(queries)
+    return float(np.mean(d < threshold)) if len(d) else 0.0
 
 
 def verdict(pixel: dict[str, Any], allowed_share: float) -> dict[str, Any]:

@@ -257,25 +257,23 @@ class CasTrainer:
         return top1, balanced_accuracy(y.cpu().numpy(), pred.cpu().numpy())
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (N, C) as float32 for uint8 (N, 3, H, W) on the device."""
+    def _batched(self, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``fn`` of uint8 (N, H, W, 3) images in eval mode, eval_batch_size at a time, as float32."""
         self.model.eval()
         outs = []
         for lo in range(0, len(x), self.cfg.eval_batch_size):
             with self._autocast():
-                outs.append(self.forward(self._inputs(x[lo : lo + self.cfg.eval_batch_size])).float())
+                outs.append(fn(self._inputs(x[lo : lo + self.cfg.eval_batch_size].to(self.device))).float())
         return torch.cat(outs)
 
-    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (N, C) as float32 for uint8 (N, H, W, 3) on the device."""
+        return self._batched(x, self.forward)
+
     def embed(self, x: Any) -> torch.Tensor:
         """Penultimate features (N, width) as float32 of uint8 (N, H, W, 3) images (numpy or torch)."""
         x = x if torch.is_tensor(x) else torch.from_numpy(np.require(x, requirements=["C", "W"]))
-        self.model.eval()
-        outs = []
-        for lo in range(0, len(x), self.cfg.eval_batch_size):
-            with self._autocast():
-                outs.append(self.model.features(self._inputs(x[lo : lo + self.cfg.eval_batch_size].to(self.device))).float())
-        return torch.cat(outs)
+        return self._batched(x, self.model.features)
 
     def losses(self, data: Any) -> np.ndarray:
         """Each image's cross-entropy (no smoothing) under the current weights (membership inference)."""
@@ -361,11 +359,21 @@ def train_and_evaluate(train: Any, val: Any, test: Any, num_classes: int, *, cfg
                      metrics=res.metrics, predictions=res.predictions)
 
 
+def trainer_from_state(weights: dict[str, torch.Tensor], like: Any, num_classes: int, *,
+                       cfg: CasConfig | None = None, device: torch.device | str | None = None,
+                       precision: str = "auto") -> CasTrainer:
+    """A trainer holding saved model ``weights``, to score or embed images shaped as ``like`` (uint8
+    (N, H, W, 3); its first image stands in for the training data)."""
+    x = like[:1]
+    one = (x, np.zeros(1, np.int64) if not torch.is_tensor(x) else torch.zeros(1, dtype=torch.long))
+    tr = CasTrainer(one, one, num_classes, cfg=cfg or CasConfig(), device=device, precision=precision)
+    tr.model.load_state_dict(weights)
+    return tr
+
+
 def score_state(state: dict[str, Any], test: Any, num_classes: int, *, cfg: CasConfig | None = None,
                 device: torch.device | str | None = None, precision: str = "auto") -> SplitScores:
     """Test metrics of a saved :class:`CasTrainer` state (its best-val weights)."""
-    cfg = cfg or CasConfig()
     xs, ys = as_arrays(test, "test")
-    tr = CasTrainer((xs[:1], ys[:1]), (xs[:1], ys[:1]), num_classes, cfg=cfg, device=device, precision=precision)
-    tr.model.load_state_dict(state["best_state"] if state.get("best_state") is not None else state["model"])
-    return tr.test((xs, ys))
+    weights = state["best_state"] if state.get("best_state") is not None else state["model"]
+    return trainer_from_state(weights, xs, num_classes, cfg=cfg, device=device, precision=precision).test((xs, ys))

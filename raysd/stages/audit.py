@@ -21,7 +21,7 @@ import ray
 import torch
 
 from raysd.core import audit as core
-from raysd.core.cas import CasTrainer
+from raysd.core.cas import CasTrainer, trainer_from_state
 from raysd.data import storage
 from raysd.run import sizing
 from raysd.run.rundir import Run
@@ -33,18 +33,11 @@ log = logging.getLogger("raysd")
 PICTURE = "audit/closest_pairs.png"
 
 
-def _prepare(job: CasJob) -> CasJob:
-    job = _on_this_worker(job)
-    if job.device == "cpu":
-        torch.set_num_threads(max(1, job.threads))
-    return job
-
-
 def _classifier_task(job: CasJob, piece: SetSlice, train: SetSlice, val: tuple, test: tuple, embed: bool,
                      ) -> dict[str, Any]:
     """Train on ``piece`` (best weights on val); its losses on the real train split (members) and the
-    test split (non-members); with ``embed``, its weights and the normalised features of train and test."""
-    job = _prepare(job)
+    test split (non-members); with ``embed``, its weights and the normalised features of the train split."""
+    job = _on_this_worker(job)
     t0 = time.perf_counter()
     images, labels = read_slice(piece)
     tr = CasTrainer((images, labels), val, job.num_classes, cfg=job.cas, seed=job.seed, device=job.device,
@@ -58,27 +51,21 @@ def _classifier_task(job: CasJob, piece: SetSlice, train: SetSlice, val: tuple, 
     if embed:
         out["state"] = {k: v.cpu() for k, v in tr.model.state_dict().items()}
         out["train_features"] = core.normalised(tr.embed(real[0])).cpu()
-        out["test_features"] = core.normalised(tr.embed(test[0])).cpu()
     return out
-
-
-def _embedder(job: CasJob, state: dict[str, Any], image: np.ndarray) -> CasTrainer:
-    one = (image[None], np.zeros(1, np.int64))
-    tr = CasTrainer(one, one, job.num_classes, cfg=job.cas, device=job.device, precision=job.precision)
-    tr.model.load_state_dict(state)
-    return tr
 
 
 def _neighbour_task(job: CasJob, pieces: list[SetSlice], train: SetSlice, state: dict[str, Any],
                     train_features: torch.Tensor, closest: int) -> dict[str, Any]:
     """Pixel and feature neighbours in the train split of every image of ``pieces``, and this group's
     ``closest`` pairs with their images."""
-    job = _prepare(job)
+    job = _on_this_worker(job)
     t0 = time.perf_counter()
     images = np.concatenate([read_slice(p)[0] for p in pieces])
     train_images = read_slice(train)[0]
     px = core.neighbours(core.pixels(images, job.device), core.pixels(train_images, job.device))
-    feats = core.normalised(_embedder(job, state, images[0]).embed(images))
+    embedder = trainer_from_state(state, images[:1], job.num_classes, cfg=job.cas, device=job.device,
+                                  precision=job.precision)
+    feats = core.normalised(embedder.embed(images))
     fx = core.neighbours(feats, train_features.to(feats.device))
     pairs = [(d, images[i], train_images[j]) for i, j, d in core.closest_pairs(px, closest)]
     return {"pixel": px, "feature": fx, "pairs": pairs, "seconds": time.perf_counter() - t0}
@@ -87,13 +74,11 @@ def _neighbour_task(job: CasJob, pieces: list[SetSlice], train: SetSlice, state:
 def _duplicate_task(job: CasJob, pieces: list[SetSlice], train: SetSlice, limit: int) -> dict[str, np.ndarray]:
     """Each of the set's first ``limit`` images' distance to its nearest other image of them, and the
     same for as many of the real train split's images (the baseline)."""
-    job = _prepare(job)
+    job = _on_this_worker(job)
     out = {}
     for name, images in (("synthetic", np.concatenate([read_slice(p)[0] for p in pieces])),
                          ("real", read_slice(train)[0])):
-        x = core.pixels(images[:limit], job.device)
-        out[name] = (core.nearest(x, x, 1, exclude_self=True)[0][:, 0].cpu().numpy() if len(x) > 1
-                     else np.zeros(0, np.float32))
+        out[name] = core.nearest_other(core.pixels(images[:limit], job.device))
     return out
 
 

@@ -104,14 +104,16 @@ def read_slice(piece: SetSlice) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _on_this_worker(job: CasJob) -> CasJob:
-    """The job as this task runs it (:func:`raysd.stages.cluster.worker_device`)."""
-    return dataclasses.replace(job, device=worker_device(job.device))
+    """The job as this task runs it (:func:`raysd.stages.cluster.worker_device`), with its thread
+    count set on a CPU."""
+    job = dataclasses.replace(job, device=worker_device(job.device))
+    if job.device == "cpu":
+        torch.set_num_threads(max(1, job.threads))
+    return job
 
 
 def _set_task(job: CasJob, piece: SetSlice, val: tuple, test: tuple) -> Score:
     job = _on_this_worker(job)
-    if job.device == "cpu":
-        torch.set_num_threads(max(1, job.threads))
     images, labels = read_slice(piece)
     result = train_and_evaluate((images, labels), val, test, job.num_classes, cfg=job.cas, seed=job.seed,
                                 device=job.device, precision=job.precision)
@@ -123,8 +125,6 @@ def _generator_task(job: CasJob, spec: GeneratorSpec, num_images: int, balance: 
     from raysd.data.models import load_generator
 
     job = _on_this_worker(job)
-    if job.device == "cpu":
-        torch.set_num_threads(max(1, job.threads))
     result, gen = generated_cas(load_generator(spec, job.device), num_images, balance, real_counts, val, test,
                                 job.num_classes, cas=job.cas, seed=job.seed, device=job.device,
                                 precision=job.precision, batch_size=batch_size)
@@ -225,8 +225,6 @@ def _two_sample_task(job: CasJob, real: SetSlice, synthetic: SetSlice, images: i
     from raysd.core.two_sample import two_sample_test
 
     job = _on_this_worker(job)
-    if job.device == "cpu":
-        torch.set_num_threads(max(1, job.threads))
     return two_sample_test(read_slice(real)[0], read_slice(synthetic)[0], images=images, epochs=epochs, cas=job.cas,
                            seed=job.seed, device=job.device, precision=job.precision)
 
@@ -377,8 +375,8 @@ def scaling_table(run: Run, set_dir: str, counts: dict[str, list[int]]) -> dict[
     both = run.cfg.cas.both_protocols
     scorer = Scorer(run.cfg, len(pieces) * (2 if both else 1))
     other = Scorer(run.cfg, len(pieces) * 2, protocol=run.cfg.cas.other_protocol) if both else None
-    for s in (scorer, other):
-        for piece in pieces if s else ():
+    for s in (scorer, other) if other else (scorer,):  # every classifier started before any is waited for
+        for piece in pieces:
             s.start(piece)
     rows: dict[str, Any] = {name: score.scale_json() for name, score in zip(names, scorer.collect(pieces))}
     if other is not None:
